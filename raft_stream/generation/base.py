@@ -1,0 +1,71 @@
+"""The Generator protocol every backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from raft_stream.types import AdapterVersion, Completion
+
+if TYPE_CHECKING:
+    from raft_stream.config import GenerationConfig, ModelConfig, SamplingConfig
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Backend-neutral sampling parameters for one generate() call."""
+
+    n: int = 8
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: SamplingConfig) -> SamplingParams:
+        return cls(
+            n=cfg.k,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=cfg.seed,
+        )
+
+    def with_overrides(self, overrides: dict[str, Any]) -> SamplingParams:
+        """Apply a prompt message's per-request overrides (k, temperature, top_p, max_new_tokens)."""
+        renamed = {("n" if key == "k" else key): value for key, value in overrides.items()}
+        return replace(self, **renamed)
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Samples ``params.n`` completions for each prompt text.
+
+    ``adapter`` None samples from the base model; otherwise from that LoRA version.
+    Returns one list of ``params.n`` completions per prompt, in prompt order.
+    """
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        adapter: AdapterVersion | None = None,
+    ) -> list[list[Completion]]: ...
+
+    def close(self) -> None: ...
+
+
+def build_generator(model_path: str, model: ModelConfig, gen: GenerationConfig) -> Generator:
+    """Build the configured backend for an already-resolved local model folder or hub name."""
+    if gen.backend == "vllm":
+        from raft_stream.generation.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(model_path, model, gen)
+    if gen.backend == "transformers":
+        from raft_stream.generation.hf_backend import TransformersGenerator
+
+        return TransformersGenerator(model_path, model, gen)
+    from raft_stream.generation.openai_backend import OpenAIGenerator
+
+    return OpenAIGenerator(model_path, model, gen)

@@ -11,6 +11,7 @@ Precedence, lowest first: defaults, a YAML file, ``RAFT_STREAM_*`` environment v
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -263,6 +264,12 @@ class OfflineConfig(_Section):
     output_dir: Path = Path("runs/offline")
     """Where metrics.csv, learning_curve.png and the adapter store go."""
 
+    eval_k: int = Field(4, ge=1)
+    """Samples per held-out prompt when evaluating before and after."""
+
+    eval_seed: int = 1234
+    """Sampling seed of the evaluations, the same before and after."""
+
 
 class TopicsConfig(_Section):
     prompts: str = "raft.prompts"
@@ -335,6 +342,10 @@ class KafkaConfig(_Section):
 
     publish_rejected: bool = False
     """Also publish rejected samples to the samples topic (with their reason)."""
+
+    delivery_timeout_s: float = Field(30.0, gt=0)
+    """Longest wait for the broker to acknowledge a batch of sends; then the batch is sent
+    again (with backoff) until it goes through. Its offsets are committed only after that."""
 
 
 class ServerConfig(_Section):
@@ -422,19 +433,27 @@ class RaftConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the YAML file (passed as init kwargs): Kubernetes overrides a
-        # ConfigMap with env vars.
-        return (env_settings, init_settings)
+        # Overrides beat the environment, which beats the YAML file (passed as init kwargs):
+        # Kubernetes overrides a ConfigMap with env vars, a user overrides both with flags.
+        overrides = _OverrideSource(settings_cls, _OVERRIDES.get() or {})
+        return (overrides, env_settings, init_settings)
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+_OVERRIDES: ContextVar[dict[str, Any] | None] = ContextVar("raft_stream_overrides", default=None)
+
+
+class _OverrideSource(PydanticBaseSettingsSource):
+    """Explicit overrides (command-line flags) as a settings source of their own."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self.data
 
 
 def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -481,13 +500,14 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping, not {type(loaded).__name__}"
+            )
         data = loaded
+    token = _OVERRIDES.set(dotted_to_nested(overrides or {}))
     try:
-        config = RaftConfig(**data)
-        if overrides:
-            merged = _deep_merge(config.model_dump(), dotted_to_nested(overrides))
-            config = RaftConfig.model_validate(merged)
+        return RaftConfig(**data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-    return config
+    finally:
+        _OVERRIDES.reset(token)

@@ -25,6 +25,10 @@ class TrainingError(RaftStreamError):
     retriable = True
 
 
+class NonFiniteLossError(TrainingError):
+    """The training loss became NaN or infinite; the round's update is discarded."""
+
+
 class MessageError(RaftStreamError, ValueError):
     """A stream message cannot be used; ``reason`` is the dead-letter reason code."""
 

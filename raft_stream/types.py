@@ -49,6 +49,8 @@ class Sample:
     reward: float | None = None
     reject_reason: str | None = None
     rank: int | None = None
+    finish_reason: str | None = None
+    """"stop" when the model ended the response itself, "length" when max tokens cut it."""
 
     @property
     def scored(self) -> bool:

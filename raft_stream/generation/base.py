@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from raft_stream.errors import RaftStreamError
 from raft_stream.types import AdapterVersion, Completion
 
 if TYPE_CHECKING:
@@ -33,9 +34,50 @@ class SamplingParams:
         )
 
     def with_overrides(self, overrides: dict[str, Any]) -> SamplingParams:
-        """Apply a prompt message's per-request overrides (k, temperature, top_p, max_new_tokens)."""
+        """Apply a prompt message's per-request overrides: k, temperature, top_p, max_new_tokens."""
         renamed = {("n" if key == "k" else key): value for key, value in overrides.items()}
         return replace(self, **renamed)
+
+
+MAX_LORAS = 2
+"""Adapter versions a backend keeps loaded: the new one plus the previous one while requests
+on it finish. Older versions are evicted least recently used first."""
+
+
+class GenerationError(RaftStreamError):
+    """A backend refused a request (bad model name, bad adapter path, malformed answer)."""
+
+
+class GenerationUnavailableError(GenerationError):
+    """The generation server stayed unreachable or failing after bounded retries."""
+
+    retriable = True
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one generate() call produced and cost; backends keep the last one in
+    ``last_stats`` for the tokens/s and adapter swap metrics."""
+
+    completions: int
+    tokens: int
+    seconds: float
+    """Wall time of the whole call, adapter loading included."""
+    adapter_load_s: float = 0.0
+    """Time spent loading an adapter version seen for the first time; 0 otherwise."""
+
+    @classmethod
+    def of(
+        cls, results: list[list[Completion]], seconds: float, adapter_load_s: float = 0.0
+    ) -> GenerationStats:
+        completions = [c for per_prompt in results for c in per_prompt]
+        return cls(
+            len(completions), sum(c.num_tokens for c in completions), seconds, adapter_load_s
+        )
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @runtime_checkable

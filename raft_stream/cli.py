@@ -1,0 +1,306 @@
+"""The ``raft-stream`` command line: thin over the package, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from raft_stream.config import RaftConfig, load_config
+from raft_stream.errors import RaftStreamError
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value (e.g. generation.sampling.k=4), got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    return overrides
+
+
+def _config_from(args: argparse.Namespace, shortcuts: dict[str, str]) -> RaftConfig:
+    overrides = _parse_set(args.set or [])
+    for attr, dotted in shortcuts.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides[dotted] = str(value) if isinstance(value, Path) else value
+    return load_config(args.config, overrides)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file (see `raft-stream config`)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set generation.sampling.k=4 (repeatable)",
+    )
+
+
+def field_docs(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted name, default, docstring) of every leaf field, generated from the config."""
+    rows: list[tuple[str, str, str]] = []
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(field_docs(annotation, f"{dotted}."))
+        else:
+            doc = " ".join((info.description or "").split())
+            rows.append((dotted, repr(info.default), doc))
+    return rows
+
+
+# --- subcommands -----------------------------------------------------------------------
+
+
+OFFLINE_SHORTCUTS = {
+    "prompts": "offline.prompts",
+    "eval_prompts": "offline.eval_prompts",
+    "iterations": "offline.iterations",
+    "prompts_per_iteration": "offline.prompts_per_iteration",
+    "k": "generation.sampling.k",
+    "model": "model.name_or_path",
+    "output_dir": "offline.output_dir",
+    "backend": "generation.backend",
+}
+
+
+def cmd_offline(args: argparse.Namespace) -> int:
+    from raft_stream.offline import run_offline
+
+    config = _config_from(args, OFFLINE_SHORTCUTS)
+    run_offline(config)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from raft_stream.demo import offline_demo_config
+    from raft_stream.offline import run_offline
+
+    run_offline(offline_demo_config(args.output_dir, args.iterations, args.prompts))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.fields:
+        for dotted, default, doc in field_docs(RaftConfig):
+            print(f"{dotted} = {default}\n    {doc}")
+        return 0
+    config = load_config(args.config, _parse_set(args.set or []))
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from raft_stream.data.demo_model import ensure_demo_model
+
+    print(ensure_demo_model())
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from raft_stream.data.tiny_model import ensure_tiny_model
+
+    print(ensure_tiny_model())
+    return 0
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from raft_stream.data.prompts import write_prompts_jsonl
+
+    if args.dataset == "demo":
+        from raft_stream.data.reviews import demo_prompts
+
+        records = demo_prompts(args.split, args.n)
+    else:
+        from raft_stream.data.tiny_model import tiny_prompts
+
+        records = tiny_prompts(args.split, args.n)
+    write_prompts_jsonl(records, args.out)
+    print(f"wrote {len(records)} prompts to {args.out}")
+    return 0
+
+
+def _daemon_config(args: argparse.Namespace) -> RaftConfig:
+    """The config of a daemon role, with JSON log lines from here on."""
+    from raft_stream.roles.logs import configure_json_logging
+
+    configure_json_logging(args.log_level.upper())
+    return _config_from(args, {})
+
+
+def cmd_generator(args: argparse.Namespace) -> int:
+    from raft_stream.roles.daemon import run_generator
+
+    return run_generator(_daemon_config(args))
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    from raft_stream.roles.daemon import run_trainer
+
+    return run_trainer(_daemon_config(args))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raft_stream.roles.all_in_one import run_all_in_one
+
+    return run_all_in_one(_daemon_config(args))
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from raft_stream.stream.broker import run_broker
+
+    return run_broker(args.host, args.port, args.log_file)
+
+
+def _client_config(args: argparse.Namespace) -> RaftConfig:
+    """Config for produce/tail: without bootstrap servers, the all-in-one's embedded broker."""
+    from raft_stream.roles.all_in_one import EMBEDDED_BOOTSTRAP, with_bootstrap
+
+    config = _config_from(args, {})
+    if config.kafka.bootstrap_servers is None:
+        config = with_bootstrap(config, EMBEDDED_BOOTSTRAP)
+    return config
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from raft_stream.stream.tools import produce_file
+
+    config = _client_config(args)
+    sent = produce_file(config.kafka, args.file, args.topic)
+    print(f"sent {sent} messages to {args.topic or config.kafka.topics.prompts}")
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from raft_stream.stream.tools import tail
+
+    config = _client_config(args)
+    topics = config.kafka.topics
+    # Short names for the configured topics: `raft-stream tail samples`.
+    short = {
+        "prompts": topics.prompts,
+        "samples": topics.samples,
+        "adapters": topics.adapters,
+        "dead-letter": topics.dead_letter,
+    }
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a follow ends
+        tail(
+            config.kafka,
+            short.get(args.topic, args.topic),
+            from_beginning=not args.latest,
+            max_messages=args.max_messages,
+            idle_timeout_s=args.idle_timeout,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raft-stream",
+        description="Online RAFT: sample K, reward, keep the best, LoRA-train, hot-swap.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    offline = sub.add_parser("offline", help="run RAFT over a fixed prompt set")
+    _add_config_args(offline)
+    offline.add_argument("--prompts", type=Path, help="training prompts (JSONL)")
+    offline.add_argument("--eval-prompts", type=Path, help="held-out prompts (JSONL)")
+    offline.add_argument("--iterations", type=int)
+    offline.add_argument("--prompts-per-iteration", type=int)
+    offline.add_argument("--k", type=int, help="responses per prompt")
+    offline.add_argument("--model", help="model name or folder; 'demo' or 'tiny' for built-ins")
+    offline.add_argument("--backend", choices=["vllm", "transformers", "openai"])
+    offline.add_argument("--output-dir", type=Path)
+    offline.set_defaults(func=cmd_offline)
+
+    demo = sub.add_parser("demo", help="the embedded demo on SmolLM2-135M-Instruct")
+    demo.add_argument("--offline", action="store_true", help="offline RAFT over the demo prompts")
+    demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--iterations", type=int, default=6)
+    demo.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
+    demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser("config", help="print the effective config, or every field")
+    _add_config_args(config)
+    config.add_argument("--fields", action="store_true", help="list every field with its doc")
+    config.set_defaults(func=cmd_config)
+
+    demo_model = sub.add_parser("demo-model", help="convert SmolLM2-135M-Instruct (cached)")
+    demo_model.set_defaults(func=cmd_demo_model)
+    tiny_model = sub.add_parser("tiny-model", help="train the tiny test model (cached)")
+    tiny_model.set_defaults(func=cmd_tiny_model)
+
+    generator = sub.add_parser("generator", help="daemon: consume prompts, produce samples")
+    _add_config_args(generator)
+    generator.set_defaults(func=cmd_generator)
+
+    trainer = sub.add_parser("trainer", help="daemon: consume samples, train and announce adapters")
+    _add_config_args(trainer)
+    trainer.set_defaults(func=cmd_trainer)
+
+    run = sub.add_parser(
+        "run",
+        help="daemon: generator and trainer in one process (embedded broker unless "
+        "kafka.bootstrap_servers is set)",
+    )
+    _add_config_args(run)
+    run.set_defaults(func=cmd_run)
+
+    broker = sub.add_parser("broker", help="run the embedded Kafka-compatible broker")
+    _add_config_args(broker)
+    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--log-file", type=Path, help="broker log (default: a temp file)")
+    broker.set_defaults(func=cmd_broker)
+
+    produce = sub.add_parser("produce", help="send each line of a JSONL file to a topic")
+    _add_config_args(produce)
+    produce.add_argument("file", type=Path, help="JSONL file, one message per line")
+    produce.add_argument("--topic", help="default: the prompts topic")
+    produce.set_defaults(func=cmd_produce)
+
+    tail = sub.add_parser("tail", help="print a topic's messages as JSON lines")
+    _add_config_args(tail)
+    tail.add_argument("topic", help="prompts, samples, adapters, dead-letter, or a topic name")
+    tail.add_argument("--latest", action="store_true", help="only messages from now on")
+    tail.add_argument("--max-messages", type=int, help="stop after this many")
+    tail.add_argument("--idle-timeout", type=float, help="stop after this many quiet seconds")
+    tail.set_defaults(func=cmd_tail)
+
+    prompts = sub.add_parser("prompts", help="write a built-in prompt set as JSONL")
+    prompts.add_argument("--dataset", choices=["demo", "tiny"], default="demo")
+    prompts.add_argument("--split", choices=["train", "eval"], default="train")
+    prompts.add_argument("--n", type=int, help="at most this many prompts")
+    prompts.add_argument("--out", type=Path, required=True)
+    prompts.set_defaults(func=cmd_prompts)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except RaftStreamError as err:
+        print(f"raft-stream: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""The fallback backend: ``transformers`` ``generate()`` with peft LoRA adapters.
+
+Slower than vLLM but needs nothing beyond transformers and peft. Prompts are left-padded
+and sampled ``gen_cfg.batch_size`` at a time; adapters are loaded into one ``PeftModel``
+once per version and switched with ``set_adapter``.
+
+Example:
+    >>> gen = TransformersGenerator("/models/tiny", ModelConfig(), GenerationConfig())
+    >>> gen.generate(["the movie was"], SamplingParams(n=2, max_new_tokens=8))[0][0]
+    Completion(text=' great, i loved every minute of it.', num_tokens=9, finish_reason='stop')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from raft_stream.config import GenerationConfig, ModelConfig
+from raft_stream.errors import AdapterError
+from raft_stream.generation.base import MAX_LORAS, GenerationStats, SamplingParams
+from raft_stream.types import AdapterVersion, Completion
+
+__all__ = ["TransformersGenerator"]
+
+
+class TransformersGenerator:
+    """Samples with ``model.generate``; keeps the ``MAX_LORAS`` most recently used adapters."""
+
+    def __init__(
+        self,
+        model_path: str,
+        model_cfg: ModelConfig,
+        gen_cfg: GenerationConfig,
+        device: str | None = None,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = gen_cfg.batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            model_path, trust_remote_code=model_cfg.trust_remote_code
+        )
+        # Left padding keeps every prompt's last token at the end, where generation starts.
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=dtype,
+            device_map=self.device,
+            trust_remote_code=model_cfg.trust_remote_code,
+        ).eval()
+        # Wraps ``model`` once an adapter is loaded. peft injects the LoRA layers into
+        # ``model`` in place, so generation always calls ``model`` and this only manages them.
+        self.peft_model: PeftModel | None = None
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos])
+        self.last_stats: GenerationStats | None = None
+        self._adapters: OrderedDict[int, str] = OrderedDict()  # version -> peft name, LRU first
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        adapter: AdapterVersion | None = None,
+    ) -> list[list[Completion]]:
+        """``params.n`` completions per prompt text (passed as-is, template already applied)."""
+        started = time.perf_counter()
+        load_s = self._activate(adapter)
+        results = [
+            [self._completion(ids) for ids in per_prompt]
+            for per_prompt in self._sample(prompts, params, adapter)
+        ]
+        self.last_stats = GenerationStats.of(results, time.perf_counter() - started, load_s)
+        return results
+
+    def generate_token_ids(
+        self,
+        prompts: Sequence[str],
+        params: SamplingParams,
+        adapter: AdapterVersion | None = None,
+    ) -> list[list[list[int]]]:
+        """Like generate(), but each completion as its token ids (eos included, no padding)."""
+        self._activate(adapter)
+        return self._sample(prompts, params, adapter)
+
+    def close(self) -> None:
+        """Nothing to stop: the model is freed with this object."""
+
+    def _completion(self, ids: list[int]) -> Completion:
+        stopped = bool(ids) and ids[-1] in self.eos_ids
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return Completion(text, len(ids), "stop" if stopped else "length")
+
+    def _sample(
+        self, prompts: Sequence[str], params: SamplingParams, adapter: AdapterVersion | None
+    ) -> list[list[list[int]]]:
+        sampling = params.temperature > 0
+        # Greedy decoding gives n identical answers: compute one and repeat it.
+        per_prompt = params.n if sampling else 1
+        options: dict[str, object] = {
+            "do_sample": sampling,
+            "max_new_tokens": params.max_new_tokens,
+        }
+        if sampling:
+            # top_k=0: no top-k cut, as in vLLM (transformers defaults to 50).
+            options |= {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+        out: list[list[list[int]]] = []
+        with _seeded(params.seed), self._adapter_scope(adapter), torch.inference_mode():
+            for start in range(0, len(prompts), self.batch_size):
+                batch = self.tokenizer(
+                    list(prompts[start : start + self.batch_size]),
+                    return_tensors="pt",
+                    padding=True,
+                ).to(self.device)
+                # generate() comes from GenerationMixin, which the causal-LM classes add to
+                # PreTrainedModel; mypy only sees the base class.
+                generated = self.model.generate(  # type: ignore[operator]
+                    **batch,
+                    num_return_sequences=per_prompt,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    eos_token_id=sorted(self.eos_ids),
+                    **options,
+                )
+                new_tokens = generated[:, batch["input_ids"].shape[1] :].tolist()
+                rows = [self._until_eos(row) for row in new_tokens]
+                for i in range(0, len(rows), per_prompt):
+                    group = rows[i : i + per_prompt]
+                    out.append(group if sampling else [list(group[0]) for _ in range(params.n)])
+        return out
+
+    def _until_eos(self, row: list[int]) -> list[int]:
+        """Cut a generated row after its first eos; what follows is padding."""
+        for i, token in enumerate(row):
+            if token in self.eos_ids:
+                return row[: i + 1]
+        return row
+
+    def _activate(self, adapter: AdapterVersion | None) -> float:
+        """Load ``adapter`` on first sight and evict the least recently used beyond
+        ``MAX_LORAS``. Returns the seconds spent loading."""
+        if adapter is None:
+            return 0.0
+        if adapter.version in self._adapters:
+            self._adapters.move_to_end(adapter.version)
+            return 0.0
+        started = time.perf_counter()
+        try:
+            if self.peft_model is None:
+                self.peft_model = PeftModel.from_pretrained(
+                    self.model, str(adapter.path), adapter_name=adapter.name
+                ).eval()
+            else:
+                self.peft_model.load_adapter(str(adapter.path), adapter_name=adapter.name)
+        except (OSError, ValueError) as exc:
+            raise AdapterError(
+                f"peft could not load adapter {adapter.name} from {adapter.path}: {exc}"
+            ) from exc
+        self._adapters[adapter.version] = adapter.name
+        while len(self._adapters) > MAX_LORAS:
+            _, oldest = self._adapters.popitem(last=False)
+            self.peft_model.delete_adapter(oldest)
+        return time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def _adapter_scope(self, adapter: AdapterVersion | None) -> Iterator[None]:
+        """Route generation through ``adapter``, or through the bare base model for None."""
+        if self.peft_model is None:
+            yield
+        elif adapter is None:
+            with self.peft_model.disable_adapter():
+                yield
+        else:
+            self.peft_model.set_adapter(adapter.name)
+            yield
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch for one call without touching the process's RNG (a trainer may share it)."""
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,229 @@
+"""Offline RAFT over a fixed prompt set: generate K → reward → rank → train → swap, N times."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from raft_stream.config import RaftConfig
+from raft_stream.data.models import resolve_model
+from raft_stream.data.prompts import read_prompts_jsonl
+from raft_stream.generation.base import SamplingParams, build_generator
+from raft_stream.plotting import plot_learning_curve
+from raft_stream.prompting import PromptFormatter
+from raft_stream.raft import RaftSampler
+from raft_stream.rewards.base import build_reward
+from raft_stream.rewards.safe import SafeReward
+from raft_stream.textstats import distinct_n
+from raft_stream.training.lora_trainer import LoRATrainer
+from raft_stream.training.store import AdapterStore
+from raft_stream.types import AdapterVersion, PromptRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IterationMetrics:
+    """One row of metrics.csv."""
+
+    iteration: int
+    adapter_version: int
+    reward_mean: float
+    reward_median: float
+    kept_reward_mean: float
+    kept_reward_median: float
+    kept_ratio: float
+    loss: float
+    distinct_1: float
+    distinct_2: float
+    generation_tokens_per_s: float
+    train_tokens_per_s: float
+    wall_s: float
+
+
+@dataclass
+class EvalResult:
+    """Held-out prompts sampled with one adapter (or the base model)."""
+
+    adapter_version: int
+    reward_mean: float
+    distinct_2: float
+    samples: int
+
+
+@dataclass
+class OfflineReport:
+    iterations: list[IterationMetrics] = field(default_factory=list)
+    eval_before: EvalResult | None = None
+    eval_after: EvalResult | None = None
+    wall_s: float = 0.0
+    output_dir: Path = Path()
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def evaluate(
+    sampler: RaftSampler, prompts: list[PromptRecord], adapter: AdapterVersion | None
+) -> EvalResult:
+    """Mean reward and distinct-2 of the held-out prompts' samples (no ranking, no training)."""
+    samples, _ = sampler.generate(prompts, adapter)
+    sampler.score(samples)
+    rewards = [s.reward for s in samples if s.scored]
+    return EvalResult(
+        adapter_version=adapter.version if adapter else 0,
+        reward_mean=_mean(rewards),  # type: ignore[arg-type]
+        distinct_2=distinct_n([s.response for s in samples], 2),
+        samples=len(samples),
+    )
+
+
+def _load_prompts(path: Path | None, formatter: PromptFormatter, what: str) -> list[PromptRecord]:
+    if path is None:
+        raise ValueError(f"offline.{what} is required; set it to a JSONL file of prompts")
+    records = read_prompts_jsonl(path)
+    if not records:
+        raise ValueError(f"offline.{what} ({path}) holds no prompts")
+    return [formatter.format(r) for r in records]
+
+
+def write_metrics_csv(rows: list[IterationMetrics], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(IterationMetrics.__dataclass_fields__))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def summary_table(report: OfflineReport) -> Table:
+    table = Table(title="offline RAFT")
+    for column in (
+        "iter",
+        "adapter",
+        "reward",
+        "kept reward",
+        "kept",
+        "loss",
+        "distinct-2",
+        "gen tok/s",
+    ):
+        table.add_column(column, justify="right")
+    for row in report.iterations:
+        table.add_row(
+            str(row.iteration),
+            f"v{row.adapter_version}",
+            f"{row.reward_mean:.3f}",
+            f"{row.kept_reward_mean:.3f}",
+            f"{row.kept_ratio:.2f}",
+            f"{row.loss:.3f}",
+            f"{row.distinct_2:.3f}",
+            f"{row.generation_tokens_per_s:.0f}",
+        )
+    return table
+
+
+def run_offline(cfg: RaftConfig, console: Console | None = None) -> OfflineReport:
+    """Run offline RAFT as configured; writes metrics.csv, learning_curve.png and adapters."""
+    console = console or Console()
+    started = time.perf_counter()
+    out = cfg.offline.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model(cfg.model.name_or_path)
+    formatter = PromptFormatter.from_model(model_path, cfg.model)
+    train_prompts = _load_prompts(cfg.offline.prompts, formatter, "prompts")
+    eval_prompts = (
+        _load_prompts(cfg.offline.eval_prompts, formatter, "eval_prompts")
+        if cfg.offline.eval_prompts
+        else []
+    )
+    sampling = SamplingParams.from_config(cfg.generation.sampling)
+    generator = build_generator(model_path, cfg.model, cfg.generation)
+    sampler = RaftSampler(
+        generator, SafeReward(build_reward(cfg.reward), cfg.reward.timeout_s), cfg.ranking, sampling
+    )
+    eval_sampler = RaftSampler(
+        generator,
+        sampler.reward,
+        cfg.ranking,
+        SamplingParams(
+            n=cfg.offline.eval_k,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=cfg.offline.eval_seed,
+        ),
+    )
+    store = AdapterStore(out / "adapters", base_model=model_path, keep_last=cfg.store.keep_last)
+    trainer = LoRATrainer(model_path, cfg.training, trust_remote_code=cfg.model.trust_remote_code)
+    report = OfflineReport(output_dir=out)
+    adapter: AdapterVersion | None = None
+    try:
+        if eval_prompts:
+            report.eval_before = evaluate(eval_sampler, eval_prompts, None)
+            console.print(f"held-out reward before: {report.eval_before.reward_mean:.3f}")
+        cycle = itertools.cycle(train_prompts)
+        columns = (
+            TextColumn("[bold]RAFT"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} {task.description}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("", total=cfg.offline.iterations)
+            for iteration in range(1, cfg.offline.iterations + 1):
+                iteration_started = time.perf_counter()
+                prompts = list(itertools.islice(cycle, cfg.offline.prompts_per_iteration))
+                batch = sampler.run(prompts, adapter)
+                kept = batch.selection.kept
+                if not kept:
+                    logger.warning("iteration %d kept no samples; skipping training", iteration)
+                    continue
+                result = trainer.train(kept)
+                kept_rewards = [s.reward for s in kept if s.reward is not None]
+                row = IterationMetrics(
+                    iteration=iteration,
+                    adapter_version=0,
+                    reward_mean=_mean(batch.rewards),
+                    reward_median=_median(batch.rewards),
+                    kept_reward_mean=_mean(kept_rewards),
+                    kept_reward_median=_median(kept_rewards),
+                    kept_ratio=len(kept) / len(batch.samples),
+                    loss=result.loss,
+                    distinct_1=distinct_n([s.response for s in batch.samples], 1),
+                    distinct_2=distinct_n([s.response for s in batch.samples], 2),
+                    generation_tokens_per_s=batch.tokens_per_s,
+                    train_tokens_per_s=result.tokens_per_s,
+                    wall_s=0.0,
+                )
+                adapter = store.write(trainer.save, metrics={"loss": result.loss})
+                row.adapter_version = adapter.version
+                row.wall_s = time.perf_counter() - iteration_started
+                report.iterations.append(row)
+                status = f"reward {row.reward_mean:.3f} loss {row.loss:.3f} -> v{adapter.version}"
+                progress.update(task, advance=1, description=status)
+        if eval_prompts:
+            report.eval_after = evaluate(eval_sampler, eval_prompts, adapter)
+            console.print(f"held-out reward after:  {report.eval_after.reward_mean:.3f}")
+    finally:
+        generator.close()
+    report.wall_s = time.perf_counter() - started
+    write_metrics_csv(report.iterations, out / "metrics.csv")
+    if report.iterations:
+        plot_learning_curve(report, out / "learning_curve.png")
+    console.print(summary_table(report))
+    console.print(f"wrote {out / 'metrics.csv'} and {out / 'learning_curve.png'}")
+    return report

@@ -1,0 +1,103 @@
+"""One RAFT round without training: sample K per prompt, score, filter, rank.
+
+Offline RAFT and the streaming generator both run this; they differ only in where prompts
+come from and where kept samples go.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from raft_stream.config import RankingConfig
+from raft_stream.generation.base import Generator, SamplingParams
+from raft_stream.ranking import Selection, select
+from raft_stream.rewards.safe import SafeReward
+from raft_stream.types import AdapterVersion, PromptRecord, Sample
+
+
+@dataclass
+class ScoredBatch:
+    """Every sample of a batch (kept and rejected) and what producing them cost."""
+
+    samples: list[Sample]
+    selection: Selection
+    tokens: int
+    generation_s: float
+    reward_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.generation_s if self.generation_s > 0 else 0.0
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples if s.scored]  # type: ignore[misc]
+
+
+class RaftSampler:
+    """Generates, scores and ranks batches of prompts with one generator and one reward."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        reward: SafeReward,
+        ranking: RankingConfig,
+        sampling: SamplingParams,
+    ) -> None:
+        self.generator = generator
+        self.reward = reward
+        self.ranking = ranking
+        self.sampling = sampling
+
+    def generate(
+        self, prompts: list[PromptRecord], adapter: AdapterVersion | None
+    ) -> tuple[list[Sample], int]:
+        """Sample each prompt (honouring its per-request overrides); returns unscored samples."""
+        groups: dict[SamplingParams, list[PromptRecord]] = defaultdict(list)
+        for record in prompts:
+            groups[self.sampling.with_overrides(record.sampling)].append(record)
+        version = adapter.version if adapter is not None else 0
+        samples: list[Sample] = []
+        tokens = 0
+        for params, records in groups.items():
+            outputs = self.generator.generate([r.text for r in records], params, adapter)
+            for record, completions in zip(records, outputs, strict=True):
+                for completion in completions:
+                    tokens += completion.num_tokens
+                    samples.append(
+                        Sample(
+                            prompt_id=record.id,
+                            prompt=record.prompt,
+                            prompt_text=record.text,
+                            response=completion.text,
+                            response_tokens=completion.num_tokens,
+                            adapter_version=version,
+                            finish_reason=completion.finish_reason,
+                        )
+                    )
+        return samples, tokens
+
+    def score(self, samples: list[Sample]) -> None:
+        """Fill in each sample's reward, or its reject reason when the reward failed."""
+        outcomes = self.reward.score([s.prompt for s in samples], [s.response for s in samples])
+        for sample, outcome in zip(samples, outcomes, strict=True):
+            sample.reward = outcome.reward
+            sample.reject_reason = outcome.reason
+
+    def run(self, prompts: list[PromptRecord], adapter: AdapterVersion | None) -> ScoredBatch:
+        started = time.perf_counter()
+        samples, tokens = self.generate(prompts, adapter)
+        generated = time.perf_counter()
+        self.score(samples)
+        scored = time.perf_counter()
+        k = max(self.sampling.n, 1)
+        selection = select(samples, self.ranking, k)
+        return ScoredBatch(
+            samples=samples,
+            selection=selection,
+            tokens=tokens,
+            generation_s=generated - started,
+            reward_s=scored - generated,
+        )

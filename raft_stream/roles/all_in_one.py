@@ -1,0 +1,84 @@
+"""``raft-stream run``: the generator and the trainer in one process on one model.
+
+The generator loop runs on the main thread, the trainer loop on a thread of its own (its
+training rounds on a third), and they talk only through the topics, exactly as separate
+processes would: the same code paths run on a laptop and on Kubernetes. Without
+``kafka.bootstrap_servers`` the embedded broker is started on 127.0.0.1:9092 (so
+``raft-stream produce`` and ``tail`` find it) and stopped on exit. State lives under
+``daemon.state_dir``: ``buffer.jsonl`` and ``adapters/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from raft_stream.config import RaftConfig
+from raft_stream.roles.daemon import Daemon
+from raft_stream.stream.broker import EmbeddedBroker
+
+__all__ = ["EMBEDDED_BOOTSTRAP", "run_all_in_one", "with_bootstrap"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_HOST = "127.0.0.1"
+EMBEDDED_PORT = 9092
+EMBEDDED_BOOTSTRAP = f"{EMBEDDED_HOST}:{EMBEDDED_PORT}"
+"""Where the all-in-one mode's embedded broker listens (Kafka's usual port)."""
+
+
+def with_bootstrap(cfg: RaftConfig, bootstrap: str) -> RaftConfig:
+    """A copy of ``cfg`` pointing at ``bootstrap`` (configs are frozen)."""
+    kafka = cfg.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+    return cfg.model_copy(update={"kafka": kafka})
+
+
+def run_all_in_one(cfg: RaftConfig) -> int:
+    """Run both roles until SIGTERM/SIGINT; returns the exit status."""
+    broker: EmbeddedBroker | None = None
+    if cfg.kafka.bootstrap_servers is None:
+        state_dir = Path(cfg.daemon.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        broker = EmbeddedBroker(EMBEDDED_HOST, EMBEDDED_PORT, log_path=state_dir / "broker.log")
+        broker.start()
+        cfg = with_bootstrap(cfg, broker.bootstrap)
+    try:
+        return _serve(cfg)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _serve(cfg: RaftConfig) -> int:
+    from raft_stream.data.models import resolve_model
+    from raft_stream.roles.generator import GeneratorRole
+    from raft_stream.roles.trainer import TrainerRole
+
+    with Daemon(cfg) as daemon:
+        model_path = resolve_model(cfg.model.name_or_path)
+        trainer = TrainerRole(
+            cfg, model_path, daemon.metrics, daemon.shutdown, daemon.heartbeats.register("trainer")
+        )
+        daemon.add_check("trainer", lambda: trainer.ready)
+        # The trainer loads its model and starts consuming while the engine starts.
+        trainer_thread = daemon.start_thread("trainer", trainer.run)
+        generator: GeneratorRole | None = None
+
+        def serve() -> None:
+            nonlocal generator
+            generator = GeneratorRole.from_config(cfg, model_path, daemon.metrics, daemon.shutdown)
+            # Registered once the engine is up: liveness covers the loop, not the start.
+            generator.beat = daemon.heartbeats.register("generator")
+            try:
+                generator.run()
+            finally:
+                generator.generator.close()
+
+        daemon.add_check("generator", lambda: generator is not None and generator.ready)
+        daemon.run("generator", serve)
+        # The generator returns only on shutdown (or failure, which requested it).
+        daemon.shutdown.request("generator stopped")
+        trainer_thread.join(daemon.shutdown.remaining_s())
+        if trainer_thread.is_alive():
+            log.warning("the trainer did not drain within the grace period")
+    return daemon.exit_status

@@ -1,0 +1,151 @@
+"""At-least-once plumbing both roles share: retry sends until acknowledged, commit without
+crashing, and connect to a broker that may not be up yet.
+
+The rule they serve: an offset is committed only after what was made from its record is
+acknowledged (or stored). So a send that fails is retried, never skipped, and a commit that
+fails is only logged: the next commit covers the same offsets, or the records are redone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from kafka.errors import KafkaError
+
+from raft_stream.config import KafkaConfig
+from raft_stream.roles.lifecycle import Backoff, Shutdown
+from raft_stream.stream.kafka import (
+    CommitError,
+    DeadLetterWriter,
+    DeliveryError,
+    JsonConsumer,
+    StreamProducer,
+    TopicPartition,
+    ensure_topics,
+)
+
+__all__ = [
+    "StreamClients",
+    "commit_quietly",
+    "connect",
+    "open_clients",
+    "until_delivered",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def until_delivered(
+    send: Callable[[float], Any],
+    timeout_s: float,
+    shutdown: Shutdown,
+    beat: Callable[[], None],
+    what: str,
+) -> bool:
+    """Call ``send(timeout)`` until it returns without DeliveryError; False if shutdown
+    came first (the caller must then not commit).
+
+    Resending what was partly written duplicates it, which at-least-once allows. Within
+    the grace period each try waits no longer than the time left. A DeliveryError that is
+    not retriable (the broker refused a record for good) is raised.
+    """
+    backoff = Backoff()
+    while True:
+        try:
+            send(min(timeout_s, shutdown.remaining_s()))
+            if backoff.attempts:
+                log.info("delivered after retrying", extra={"what": what})
+            return True
+        except DeliveryError as err:
+            if not err.retriable:
+                raise
+            wait_s = backoff.next_s()
+            log.warning(
+                "delivery failed; retrying",
+                extra={"what": what, "error": str(err), "retry_in_s": round(wait_s, 2)},
+            )
+        beat()
+        if shutdown.requested or shutdown.wait(wait_s):
+            log.warning("shutdown during an outage: not committing", extra={"what": what})
+            return False
+
+
+def commit_quietly(
+    consumer: JsonConsumer[Any], offsets: Mapping[TopicPartition, int], what: str
+) -> bool:
+    """Commit; on CommitError log and return False (the records may be redone, that is all)."""
+    try:
+        consumer.commit(offsets, timeout_s=10.0)
+    except CommitError as err:
+        log.warning("commit failed", extra={"what": what, "error": str(err)})
+        return False
+    return True
+
+
+def connect(
+    factory: Callable[[], T], shutdown: Shutdown, beat: Callable[[], None], what: str
+) -> T | None:
+    """Build a client, retrying with backoff while the broker is unreachable; None if
+    shutdown came first. A service must come up before its broker, not crash-loop."""
+    backoff = Backoff(initial_s=1.0, max_s=15.0)
+    while not shutdown.requested:
+        try:
+            return factory()
+        except KafkaError as err:
+            wait_s = backoff.next_s()
+            log.warning(
+                "broker not reachable; retrying",
+                extra={"what": what, "error": repr(err), "retry_in_s": round(wait_s, 2)},
+            )
+        beat()
+        shutdown.wait(wait_s)
+    return None
+
+
+@dataclass
+class StreamClients(Generic[T]):
+    """A role's Kafka clients: its consumer, a producer, and the dead-letter writer."""
+
+    consumer: JsonConsumer[T]
+    producer: StreamProducer
+    dead_letters: DeadLetterWriter
+
+    def close(self) -> None:
+        """Leave the group without committing, then flush what is queued (bounded)."""
+        self.consumer.close()
+        self.producer.close(timeout_s=5.0)
+
+
+def open_clients(
+    cfg: KafkaConfig,
+    topics: Iterable[str],
+    consume: Callable[[KafkaConfig], JsonConsumer[T]],
+    on_dead_letter: Callable[[str], None],
+    shutdown: Shutdown,
+    beat: Callable[[], None],
+) -> StreamClients[T] | None:
+    """Create the topics (when configured), then the producer and the consumer, each
+    retried until the broker answers; None if shutdown came first."""
+    if cfg.create_topics:
+        names = list(topics)
+        if connect(lambda: ensure_topics(cfg, names), shutdown, beat, "topics") is None:
+            return None
+    producer = connect(
+        lambda: StreamProducer(cfg, delivery_timeout_s=cfg.delivery_timeout_s),
+        shutdown,
+        beat,
+        "producer",
+    )
+    if producer is None:
+        return None
+    consumer = connect(lambda: consume(cfg), shutdown, beat, "consumer")
+    if consumer is None:
+        producer.close(timeout_s=1.0)
+        return None
+    writer = DeadLetterWriter(producer, cfg.topics.dead_letter, on_dead_letter)
+    return StreamClients(consumer, producer, writer)

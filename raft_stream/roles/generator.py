@@ -1,0 +1,300 @@
+"""The generator role: prompts in, K scored and ranked samples per prompt out.
+
+One synchronous loop, so memory is bounded by one batch whatever the prompt rate:
+
+1. poll a batch (at most ``kafka.poll_max_records`` prompts; bad messages come back as
+   dead letters);
+2. sample, score and rank it with the adapter being served (RaftSampler);
+3. send its samples (and dead letters) and block until the broker acknowledged them all,
+   retrying with backoff through an outage without generating again;
+4. only then commit the batch's offsets (dead-lettered ones included).
+
+Between batches it follows the adapters topic: a newer version is fetched, its checksum
+verified and loaded into the engine, and the next batch uses it (so the batch in flight
+finishes on the old one). An adapter that fails any of that is refused with a log line
+and a metric, and the old one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from raft_stream.config import RaftConfig
+from raft_stream.errors import AdapterError, RaftStreamError
+from raft_stream.generation.base import Generator, SamplingParams, build_generator
+from raft_stream.metrics import RaftMetrics
+from raft_stream.prompting import PromptFormatter
+from raft_stream.raft import RaftSampler, ScoredBatch
+from raft_stream.ranking import Selection
+from raft_stream.rewards.registry import build_safe_reward
+from raft_stream.rewards.safe import SafeReward
+from raft_stream.roles.adapters import AdapterFetchError, AdapterWatcher, fetch_adapter
+from raft_stream.roles.delivery import StreamClients, commit_quietly, open_clients, until_delivered
+from raft_stream.roles.lifecycle import Shutdown, noop
+from raft_stream.stream.kafka import PollBatch, PromptConsumer
+from raft_stream.stream.schema import GENERATION_FAILED, AdapterAnnouncement, encode_sample
+from raft_stream.types import AdapterVersion, PromptRecord
+
+__all__ = ["EngineFailure", "GeneratorRole"]
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT_S = 0.5
+"""Longest wait for prompts; bounds how late a heartbeat or an adapter check can be."""
+
+# One token from a short prompt: loads an adapter into the engine (or proves the engine
+# answers) for a fraction of a batch's cost.
+_PROBE = SamplingParams(n=1, max_new_tokens=1, temperature=0.0, seed=0)
+
+
+class EngineFailure(RaftStreamError):
+    """The engine failed every prompt of a batch and a probe too: restart the process."""
+
+
+class GeneratorRole:
+    """Consumes prompts and produces scored samples until ``shutdown`` is requested.
+
+    The engine (``generator``) belongs to the caller, who closes it; the role opens and
+    closes its own Kafka clients in ``run``.
+    """
+
+    def __init__(
+        self,
+        cfg: RaftConfig,
+        generator: Generator,
+        formatter: PromptFormatter,
+        reward: SafeReward,
+        metrics: RaftMetrics,
+        shutdown: Shutdown,
+        beat: Callable[[], None] = noop,
+    ) -> None:
+        self.cfg = cfg
+        self.generator = generator
+        self.formatter = formatter
+        self.metrics = metrics
+        self.shutdown = shutdown
+        self.beat = beat
+        self.sampler = RaftSampler(
+            generator, reward, cfg.ranking, SamplingParams.from_config(cfg.generation.sampling)
+        )
+        self.adapter: AdapterVersion | None = None
+        """The version new batches use; None is the base model (version 0)."""
+        self.ready = False
+        self.batches = 0
+        self._previous: AdapterVersion | None = None
+        self._next_adapter_check = 0.0
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RaftConfig,
+        model_path: str,
+        metrics: RaftMetrics,
+        shutdown: Shutdown,
+        beat: Callable[[], None] = noop,
+    ) -> GeneratorRole:
+        """Build the configured engine, prompt formatter and reward (the engine start is
+        the slow part: 20-90 s for vLLM on a CPU); close ``role.generator`` when done."""
+        formatter = PromptFormatter.from_model(model_path, cfg.model)
+        reward = build_safe_reward(cfg.reward)
+        generator = build_generator(model_path, cfg.model, cfg.generation)
+        return cls(cfg, generator, formatter, reward, metrics, shutdown, beat)
+
+    @property
+    def served_version(self) -> int:
+        return self.adapter.version if self.adapter is not None else 0
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until shutdown; the batch in flight is finished (acked and committed)."""
+        topics = self.cfg.kafka.topics
+        clients = open_clients(
+            self.cfg.kafka,
+            [topics.prompts, topics.samples, topics.adapters, topics.dead_letter],
+            PromptConsumer,
+            self.metrics.count_dead_letter,
+            self.shutdown,
+            self.beat,
+        )
+        if clients is None:
+            return
+        watcher = AdapterWatcher(self.cfg.kafka)
+        try:
+            self.metrics.set_served_version(self.served_version)
+            newest = watcher.catch_up(timeout_s=2.0)
+            if newest is not None:
+                self._switch(newest)
+            self.ready = True
+            log.info("generator serving", extra={"adapter_version": self.served_version})
+            while not self.shutdown.requested:
+                self.beat()
+                self._check_adapters(watcher)
+                batch = clients.consumer.poll(POLL_TIMEOUT_S)
+                if len(batch):
+                    self._process(batch, clients)
+                self.metrics.consumer_lag_messages.labels(topic=topics.prompts).set(
+                    clients.consumer.lag()
+                )
+        finally:
+            self.ready = False
+            watcher.close()
+            clients.close()
+            log.info("generator stopped", extra={"batches": self.batches})
+
+    def _process(
+        self, batch: PollBatch[PromptRecord], clients: StreamClients[PromptRecord]
+    ) -> None:
+        """Generate, deliver, then commit one batch (nothing is committed on shutdown
+        during an outage: the batch is redone by whoever consumes it next)."""
+        self.metrics.prompts_consumed_total.inc(len(batch))
+        version = self.served_version
+        scored, failed = self._sample([self.formatter.format(r.value) for r in batch.records])
+        letters = [*batch.dead]
+        for index, error in failed:
+            letters.append(batch.records[index].dead_letter(GENERATION_FAILED, error))
+        samples = scored.selection.kept
+        if self.cfg.kafka.publish_rejected:
+            samples = samples + scored.selection.rejected
+        messages = [(s.prompt_id, encode_sample(s)) for s in samples]
+        letters_sent = False
+
+        def send(timeout_s: float) -> None:
+            nonlocal letters_sent
+            if not letters_sent:  # a retry must not count the dead letters twice
+                clients.dead_letters.write(letters, timeout_s)
+                letters_sent = True
+            clients.producer.send_and_wait(self.cfg.kafka.topics.samples, messages, timeout_s)
+
+        kafka = self.cfg.kafka
+        if not until_delivered(send, kafka.delivery_timeout_s, self.shutdown, self.beat, "samples"):
+            return
+        commit_quietly(clients.consumer, batch.last_offsets(), "prompts")
+        self.batches += 1
+        self._observe(scored, version)
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def _sample(self, prompts: list[PromptRecord]) -> tuple[ScoredBatch, list[tuple[int, str]]]:
+        """Run the batch; on failure find the prompts the engine cannot take.
+
+        Returns the scored batch of the usable prompts and (index, error) of the others.
+        Raises EngineFailure when no prompt works and the engine does not answer a probe.
+        """
+        if not prompts:
+            return _empty_batch(), []
+        try:
+            return self.sampler.run(prompts, self.adapter), []
+        except AdapterError as err:
+            if self.adapter is None:
+                raise
+            self._refuse(self.adapter.version, "engine_error", err)
+            # The one served before loaded fine; a failure of that one falls back to base.
+            self.adapter, self._previous = self._previous, None
+            self.metrics.set_served_version(self.served_version)
+            return self._sample(prompts)
+        except Exception as err:
+            log.warning(
+                "generation failed for a batch; retrying prompt by prompt",
+                extra={"prompts": len(prompts), "error": repr(err)},
+            )
+        # Rare path: each prompt alone, so one bad prompt costs only itself.
+        parts: list[ScoredBatch] = []
+        failed: list[tuple[int, str]] = []
+        for index, prompt in enumerate(prompts):
+            try:
+                parts.append(self.sampler.run([prompt], self.adapter))
+            except Exception as err:
+                failed.append((index, f"{type(err).__name__}: {err}"))
+        if len(failed) == len(prompts) and not self._engine_answers():
+            raise EngineFailure(f"the engine fails every prompt and a probe: {failed[0][1]}")
+        return _merge(parts), failed
+
+    def _engine_answers(self) -> bool:
+        try:
+            self.generator.generate([self.formatter.text("hello")], _PROBE, None)
+        except Exception:
+            log.exception("the engine does not answer a probe")
+            return False
+        return True
+
+    def _observe(self, scored: ScoredBatch, version: int) -> None:
+        m = self.metrics
+        m.samples_generated_total.inc(len(scored.samples))
+        m.samples_kept_total.inc(len(scored.selection.kept))
+        for reason, count in scored.selection.rejected_by_reason.items():
+            m.count_rejected(reason, count)
+        if scored.samples:
+            m.observe_generation(scored.tokens, scored.generation_s)
+            m.observe_responses([s.response for s in scored.samples])
+            m.observe_rewards(scored.rewards, version)
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def _check_adapters(self, watcher: AdapterWatcher) -> None:
+        now = time.monotonic()
+        if now < self._next_adapter_check:
+            return
+        self._next_adapter_check = now + self.cfg.daemon.adapter_poll_interval_s
+        announcement = watcher.poll()
+        if announcement is not None and announcement.version > self.served_version:
+            self._switch(announcement)
+
+    def _switch(self, announcement: AdapterAnnouncement) -> None:
+        """Fetch, verify and load a newer version; the next batch uses it."""
+        self.metrics.set_stored_version(announcement.version, announcement.created_at)
+        started = time.perf_counter()
+        try:
+            adapter = fetch_adapter(announcement)
+        except AdapterFetchError as err:
+            self._refuse(announcement.version, err.reason, err)
+            return
+        try:
+            # Load it now, not in the next batch: a bad folder fails here, and a batch
+            # never pays for the load.
+            self.generator.generate([self.formatter.text("hello")], _PROBE, adapter)
+        except Exception as err:  # the engine raises assorted types for a bad adapter
+            self._refuse(announcement.version, "engine_error", err)
+            return
+        self._previous, self.adapter = self.adapter, adapter
+        self.metrics.set_served_version(adapter.version)
+        log.info(
+            "serving a new adapter version",
+            extra={
+                "adapter_version": adapter.version,
+                "previous_version": self._previous.version if self._previous else 0,
+                "load_s": round(time.perf_counter() - started, 3),
+                "since_stored_s": round(time.time() - announcement.created_at, 3),
+            },
+        )
+
+    def _refuse(self, version: int, reason: str, err: Exception) -> None:
+        self.metrics.count_adapter_load_failure(reason)
+        log.error(
+            "adapter version refused; the old one keeps serving",
+            extra={
+                "adapter_version": version,
+                "reason": reason,
+                "error": str(err),
+                "serving": self.served_version,
+            },
+        )
+
+
+def _empty_batch() -> ScoredBatch:
+    return ScoredBatch(samples=[], selection=Selection(), tokens=0, generation_s=0.0, reward_s=0.0)
+
+
+def _merge(parts: list[ScoredBatch]) -> ScoredBatch:
+    """One batch from per-prompt batches (local ranking is per prompt anyway)."""
+    merged = _empty_batch()
+    for part in parts:
+        merged.samples += part.samples
+        merged.selection.kept += part.selection.kept
+        merged.selection.rejected += part.selection.rejected
+        merged.tokens += part.tokens
+        merged.generation_s += part.generation_s
+        merged.reward_s += part.reward_s
+    return merged

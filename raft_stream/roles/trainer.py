@@ -1,0 +1,340 @@
+"""The trainer role: samples in, a new adapter version out every time a batch fills.
+
+The consumer loop never blocks on training: kept samples go into the top-k reward buffer
+(persisted under ``daemon.state_dir``), and when a streaming batch is ready a background
+thread trains the LoRA adapter on it and stores the new version. When that thread is done,
+the loop (the only user of the Kafka consumer):
+
+1. drops the trained samples from the buffer and saves the buffer;
+2. commits the offsets of everything consumed so far (what is not trained yet is in the
+   saved buffer, so a crash loses nothing);
+3. announces the version on the adapters topic (a crash before this is healed at the next
+   start, which announces the latest version again).
+
+A failed round (exception, non-finite loss, full disk) is counted and logged; its samples
+stay in the buffer, the next try waits with backoff, and the model is reloaded from the
+last good version, so generators keep serving that one. Memory is bounded by the buffer's
+capacity (the lowest reward is evicted).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from raft_stream.buffer import RewardBuffer
+from raft_stream.config import RaftConfig
+from raft_stream.errors import AdapterError, NonFiniteLossError, TrainingError
+from raft_stream.metrics import RaftMetrics
+from raft_stream.roles.adapters import announce
+from raft_stream.roles.delivery import StreamClients, commit_quietly, open_clients, until_delivered
+from raft_stream.roles.lifecycle import Backoff, Shutdown, noop
+from raft_stream.stream.kafka import PollBatch, TopicPartition, sample_consumer
+from raft_stream.training.lora_trainer import LoRATrainer, TrainResult
+from raft_stream.training.store import AdapterStore
+from raft_stream.types import AdapterVersion, Sample
+
+__all__ = ["AdapterStoreFailure", "TrainerRole"]
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT_S = 0.5
+"""Longest wait for samples; bounds how late a finished round is noticed."""
+
+BUFFER_FILE = "buffer.jsonl"
+ADAPTERS_DIR = "adapters"
+
+
+class AdapterStoreFailure(TrainingError):
+    """Training worked but the version could not be stored (e.g. the disk is full)."""
+
+
+def failure_reason(err: BaseException) -> str:
+    """The training_failures_total reason of a failed round, from the error's class."""
+    if isinstance(err, AdapterStoreFailure):
+        return "store_failed"
+    if isinstance(err, NonFiniteLossError):
+        return "nonfinite_loss"
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return "out_of_memory"
+    return "other"
+
+
+RoundWork = Callable[[list[Sample]], tuple[AdapterVersion, TrainResult]]
+
+
+class _Round:
+    """One training round on a daemon thread (a round abandoned at shutdown must not keep
+    the process alive)."""
+
+    def __init__(self, samples: list[Sample], work: RoundWork) -> None:
+        self.samples = samples
+        self.outcome: tuple[AdapterVersion, TrainResult] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(work,), name="raft-stream-training", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, work: RoundWork) -> None:
+        try:
+            self.outcome = work(self.samples)
+        except BaseException as err:  # reported to the loop, which decides
+            self.error = err
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def join(self, timeout_s: float) -> bool:
+        self._thread.join(max(0.0, timeout_s))
+        return self.done()
+
+
+class TrainerRole:
+    """Consumes samples, trains in the background, stores and announces adapter versions."""
+
+    def __init__(
+        self,
+        cfg: RaftConfig,
+        model_path: str,
+        metrics: RaftMetrics,
+        shutdown: Shutdown,
+        beat: Callable[[], None] = noop,
+    ) -> None:
+        self.cfg = cfg
+        self.model_path = model_path
+        self.metrics = metrics
+        self.shutdown = shutdown
+        self.beat = beat
+        state_dir = Path(cfg.daemon.state_dir)
+        self.store = AdapterStore(
+            state_dir / ADAPTERS_DIR, base_model=model_path, keep_last=cfg.store.keep_last
+        )
+        self.buffer = RewardBuffer(
+            cfg.buffer.capacity, cfg.buffer.batch_size, state_dir / BUFFER_FILE
+        )
+        self.ready = False
+        self.rounds = 0
+        self.failures = 0
+        self.last_announced: AdapterVersion | None = None
+        self._trainer: LoRATrainer | None = None
+        self._round: _Round | None = None
+        self._consumed: dict[TopicPartition, int] = {}
+        self._may_commit = True
+        self._retry_at = 0.0
+        self._backoff = Backoff(initial_s=2.0, max_s=60.0)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until shutdown, then drain: wait for a running round within the grace
+        period, save the buffer and commit what it holds."""
+        self._trainer = self._load_trainer()
+        topics = self.cfg.kafka.topics
+        clients = open_clients(
+            self.cfg.kafka,
+            [topics.samples, topics.adapters, topics.dead_letter],
+            sample_consumer,
+            self.metrics.count_dead_letter,
+            self.shutdown,
+            self.beat,
+        )
+        if clients is None:
+            return
+        try:
+            latest = self._last_good_version()
+            if latest is not None:  # generators that missed it catch up
+                self.metrics.set_stored_version(latest.version, latest.created_at)
+                self._announce(clients, latest)
+            self.ready = True
+            self._observe_buffer()
+            log.info(
+                "trainer serving",
+                extra={
+                    "adapter_version": latest.version if latest else 0,
+                    "buffer": len(self.buffer),
+                },
+            )
+            while not self.shutdown.requested:
+                self.beat()
+                if self._round is not None and self._round.done():
+                    self._finish_round(clients)
+                batch = clients.consumer.poll(POLL_TIMEOUT_S)
+                if len(batch):
+                    self._take(batch, clients)
+                self._maybe_start_round()
+                self.metrics.consumer_lag_messages.labels(topic=topics.samples).set(
+                    clients.consumer.lag()
+                )
+            self._drain(clients)
+        finally:
+            self.ready = False
+            clients.close()
+            log.info("trainer stopped", extra={"rounds": self.rounds, "failures": self.failures})
+
+    def _take(self, batch: PollBatch[Sample], clients: StreamClients[Sample]) -> None:
+        """Buffer the kept samples of a poll (rejected ones are only for observers)."""
+        if batch.dead and not until_delivered(
+            lambda timeout_s: clients.dead_letters.write(batch.dead, timeout_s),
+            self.cfg.kafka.delivery_timeout_s,
+            self.shutdown,
+            self.beat,
+            "dead letters",
+        ):
+            self._may_commit = False  # their offsets must not be committed
+            return
+        kept = [r.value for r in batch.records if r.value.reject_reason is None]
+        dropped = self.buffer.add(kept)
+        if dropped:
+            log.debug("buffer full: lowest rewards evicted", extra={"evicted": len(dropped)})
+        for tp, offset in batch.last_offsets().items():
+            self._consumed[tp] = max(offset, self._consumed.get(tp, -1))
+        self._observe_buffer()
+
+    def _maybe_start_round(self) -> None:
+        if (
+            self._round is None
+            and not self.shutdown.requested
+            and time.monotonic() >= self._retry_at
+            and self.buffer.batch_ready()
+        ):
+            self._round = _Round(self.buffer.peek_batch(), self._train_and_store)
+
+    def _finish_round(self, clients: StreamClients[Sample]) -> None:
+        done, self._round = self._round, None
+        assert done is not None
+        if done.outcome is None:
+            self._fail(done.error or TrainingError("the training thread ended without a result"))
+            return
+        adapter, result = done.outcome
+        self.rounds += 1
+        self._backoff.reset()
+        self.buffer.remove(done.samples)
+        self.metrics.observe_training_round(
+            steps=result.optimizer_steps,
+            tokens=result.tokens,
+            seconds=result.duration_s,
+            loss=result.loss,
+        )
+        self.metrics.set_stored_version(adapter.version, adapter.created_at)
+        log.info(
+            "stored a new adapter version",
+            extra={
+                "adapter_version": adapter.version,
+                "loss": result.loss,
+                "samples": len(done.samples),
+                "train_s": round(result.duration_s, 3),
+            },
+        )
+        self._persist_and_commit(clients)
+        self._announce(clients, adapter)
+
+    def _drain(self, clients: StreamClients[Sample]) -> None:
+        if self._round is not None:
+            # Leave a little of the grace period for saving, committing and closing.
+            if self._round.join(self.shutdown.remaining_s() - 2.0):
+                self._finish_round(clients)
+            else:
+                log.warning("abandoning a training round still running at the grace deadline")
+                self._round = None  # its samples are still in the buffer
+        self._persist_and_commit(clients)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _persist_and_commit(self, clients: StreamClients[Sample]) -> None:
+        """Save the buffer, then commit everything consumed: every consumed sample is now
+        trained into a stored version, waiting in the saved buffer, or deliberately gone
+        (rejected, or evicted for a lower reward)."""
+        try:
+            self.buffer.save()
+        except OSError as err:
+            log.error("saving the buffer failed; not committing", extra={"error": str(err)})
+            return
+        committable = self._consumed and self._may_commit
+        if committable and commit_quietly(clients.consumer, self._consumed, "samples"):
+            self._consumed = {}
+
+    def _announce(self, clients: StreamClients[Sample], adapter: AdapterVersion) -> None:
+        topic = self.cfg.kafka.topics.adapters
+        if until_delivered(
+            lambda timeout_s: announce(clients.producer, topic, adapter, timeout_s),
+            self.cfg.kafka.delivery_timeout_s,
+            self.shutdown,
+            self.beat,
+            "adapter announcement",
+        ):
+            self.last_announced = adapter
+            log.info("announced adapter version", extra={"adapter_version": adapter.version})
+
+    def _observe_buffer(self) -> None:
+        held = self.buffer.snapshot()
+        self.metrics.buffer_samples.set(len(held))
+        self.metrics.buffer_capacity.set(self.buffer.capacity)
+        if held:
+            self.metrics.kept_reward_mean.set(statistics.fmean(s.reward or 0.0 for s in held))
+
+    # -- training (background thread) -----------------------------------------------------
+
+    def _train_and_store(self, samples: list[Sample]) -> tuple[AdapterVersion, TrainResult]:
+        trainer = self._trainer or self._load_trainer()
+        self._trainer = trainer
+        result = trainer.train(samples)
+        rewards = [s.reward for s in samples if s.reward is not None]
+        try:
+            adapter = self.store.write(
+                trainer.save,
+                metrics={
+                    "loss": result.loss,
+                    "samples": float(len(samples)),
+                    "reward_mean": statistics.fmean(rewards) if rewards else 0.0,
+                    "train_tokens_per_s": result.tokens_per_s,
+                },
+            )
+        except Exception as err:  # OSError, or torch/safetensors wrapping one
+            raise AdapterStoreFailure(f"storing the adapter failed: {err}") from err
+        return adapter, result
+
+    def _fail(self, err: BaseException) -> None:
+        reason = failure_reason(err)
+        self.failures += 1
+        self.metrics.count_training_failure(reason)
+        # The model may hold part of the failed round's update: reload the last good one.
+        self._trainer = None
+        wait_s = self._backoff.next_s()
+        self._retry_at = time.monotonic() + wait_s
+        log.error(
+            "training round failed; samples kept, the last good adapter keeps serving",
+            extra={"reason": reason, "error": repr(err), "retry_in_s": round(wait_s, 2)},
+            exc_info=err,
+        )
+
+    def _load_trainer(self) -> LoRATrainer:
+        """The model with the last good version's adapter and optimizer state (or fresh)."""
+        good = self._last_good_version()
+        log.info("loading the trainer", extra={"resume_from": good.version if good else 0})
+        return LoRATrainer(
+            self.model_path,
+            self.cfg.training,
+            resume_from=good,
+            trust_remote_code=self.cfg.model.trust_remote_code,
+        )
+
+    def _last_good_version(self) -> AdapterVersion | None:
+        """The ``latest`` version if it verifies, else the newest older one that does."""
+        latest = self.store.latest()
+        if latest is None:
+            return None
+        for version in sorted(
+            (v for v in self.store.versions() if v <= latest.version), reverse=True
+        ):
+            try:
+                return self.store.get(version, verify=True)
+            except (AdapterError, OSError) as err:
+                log.error("stored adapter version fails verification", extra={"error": str(err)})
+        return None

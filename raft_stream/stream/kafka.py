@@ -1,0 +1,546 @@
+"""Thin wrappers over kafka-python for the raft-stream topics (standard Kafka APIs only).
+
+The delivery rule is at-least-once: a caller commits a record's offset only after what it
+produced from that record was acknowledged (``StreamProducer.send_and_wait``), so a crash
+or an outage can only make work happen twice, never lose it. Offsets are committed only
+when the caller says so (auto-commit is off).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
+from kafka.structs import OffsetAndMetadata
+
+from raft_stream.config import KafkaConfig
+from raft_stream.errors import ConfigError, MessageError, RaftStreamError
+from raft_stream.stream.schema import (
+    MAX_DEAD_LETTER_ORIGINAL_BYTES,
+    AdapterAnnouncement,
+    DeadLetter,
+    decode_adapter,
+    decode_prompt,
+    decode_sample,
+    dumps,
+    encode_dead_letter,
+)
+from raft_stream.types import PromptRecord, Sample
+
+__all__ = [
+    "CommitError",
+    "DeadLetterWriter",
+    "DeliveryError",
+    "JsonConsumer",
+    "PollBatch",
+    "PromptConsumer",
+    "Received",
+    "StreamProducer",
+    "TopicPartition",
+    "adapter_reader",
+    "ensure_topics",
+    "kafka_client_kwargs",
+    "sample_consumer",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Key = str | bytes | None
+
+
+class DeliveryError(RaftStreamError):
+    """Records were not acknowledged by the broker in time (or were refused).
+
+    Some of them may still have been written: resending is safe under at-least-once and
+    may duplicate. ``retriable`` is False only when the broker refused a record for good
+    (e.g. it is too large), so resending cannot help.
+    """
+
+    def __init__(self, message: str, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class CommitError(RaftStreamError):
+    """An offset commit failed (broker unreachable, or the partition was reassigned).
+
+    Log it and go on: the next commit covers the same offsets, or the partition's new
+    owner redoes the uncommitted records.
+    """
+
+
+def kafka_client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+    """Connection settings shared by every client: servers, security, SASL and SSL."""
+    if not cfg.bootstrap_servers:
+        raise ConfigError(
+            "kafka.bootstrap_servers is not set; set it to host:port, or start the embedded "
+            "broker (EmbeddedBroker) and use its bootstrap address"
+        )
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": cfg.bootstrap_servers.split(","),
+        "security_protocol": cfg.security_protocol,
+        "client_id": "raft-stream",
+    }
+    if cfg.security_protocol.startswith("SASL"):
+        password = os.environ.get(cfg.sasl_password_env)
+        if password is None:
+            raise ConfigError(
+                f"kafka.security_protocol is {cfg.security_protocol} but the environment "
+                f"variable {cfg.sasl_password_env} (kafka.sasl_password_env) is not set"
+            )
+        kwargs |= {
+            "sasl_mechanism": cfg.sasl_mechanism or "PLAIN",
+            "sasl_plain_username": cfg.sasl_username,
+            "sasl_plain_password": password,
+        }
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(cfg, name)
+        if path is not None:
+            kwargs[name] = str(path)
+    return kwargs
+
+
+def ensure_topics(cfg: KafkaConfig, names: Iterable[str]) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones this call created."""
+    admin = KafkaAdminClient(**kafka_client_kwargs(cfg))
+    try:
+        existing = set(admin.list_topics())
+        created = []
+        for name in dict.fromkeys(names):  # drop duplicates, keep the order
+            if name in existing:
+                continue
+            topic = NewTopic(name, cfg.topics.partitions, cfg.topics.replication_factor)
+            try:
+                admin.create_topics([topic])
+            except TopicAlreadyExistsError:
+                continue  # another replica created it between list and create
+            created.append(name)
+        return created
+    finally:
+        admin.close()
+
+
+@dataclass(frozen=True)
+class Received(Generic[T]):
+    """A decoded record and where it came from."""
+
+    value: T
+    topic: str
+    partition: int
+    offset: int
+    raw: bytes | None = None
+    """The record's original bytes, so a consumer that gives up on it later (e.g. a prompt
+    the model cannot take) can still dead-letter it exactly."""
+    key: bytes | None = None
+    timestamp_ms: int = -1
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+    def dead_letter(self, reason: str, detail: str) -> DeadLetter:
+        """This record as a dead letter with the caller's reason."""
+        return DeadLetter(
+            reason=reason,
+            detail=detail,
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offset,
+            timestamp_ms=self.timestamp_ms,
+            value=self.raw,
+            key=self.key,
+            headers=self.headers,
+        )
+
+
+@dataclass(frozen=True)
+class PollBatch(Generic[T]):
+    """What one poll returned: usable records, and the ones to dead-letter."""
+
+    records: list[Received[T]]
+    dead: list[DeadLetter]
+
+    def __len__(self) -> int:
+        return len(self.records) + len(self.dead)
+
+    def last_offsets(self) -> dict[TopicPartition, int]:
+        """Highest offset per partition, usable and dead alike: pass it to ``commit`` once
+        the batch's output and its dead letters are acknowledged."""
+        last: dict[TopicPartition, int] = {}
+        items: list[Received[T] | DeadLetter] = [*self.records, *self.dead]
+        for item in items:
+            tp = TopicPartition(item.topic, item.partition)
+            last[tp] = max(item.offset, last.get(tp, -1))
+        return last
+
+
+class _KeepPausedOnAssign(ConsumerRebalanceListener):
+    """Partitions assigned by a rebalance start unpaused; backpressure must outlive it."""
+
+    def __init__(self, owner: JsonConsumer[Any]) -> None:
+        self._owner = owner
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass  # nothing buffered here; uncommitted records are redone by the new owner
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self._owner.paused:
+            self._owner.pause()
+
+
+class JsonConsumer(Generic[T]):
+    """Reads one topic and decodes each record; bad records come back as dead letters.
+
+    ``decode(value, where)`` gets the record's bytes (b"" for a null record) and
+    ``where`` = ``"topic/partition/offset"``, a name that is stable across redeliveries,
+    and raises MessageError for an unusable record.
+
+    With a ``group_id`` the consumer joins that group (partitions are shared among its
+    members, offsets are committed with ``commit``). Without one it reads every partition
+    by itself, commits nothing, and starts afresh each time: how generators follow the
+    adapters topic. ``from_beginning`` says where a reader without a committed offset
+    starts.
+
+    Like the KafkaConsumer under it, it is not thread-safe: use it from one thread.
+    """
+
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        topic: str,
+        decode: Callable[[bytes, str], T],
+        *,
+        group_id: str | None,
+        from_beginning: bool = True,
+        max_poll_records: int = 500,
+    ) -> None:
+        self._decode = decode
+        self._paused = False
+        self._consumer = KafkaConsumer(
+            **kafka_client_kwargs(cfg),
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            max_poll_records=max_poll_records,
+            session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+        )
+        if group_id is not None:
+            self._consumer.subscribe([topic], listener=_KeepPausedOnAssign(self))
+            return
+        partitions = self._consumer.partitions_for_topic(topic)
+        if not partitions:
+            self._consumer.close()
+            raise ValueError(f"topic {topic!r} does not exist; create it first (ensure_topics)")
+        self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+
+    def poll(self, timeout_s: float) -> PollBatch[T]:
+        """Wait up to ``timeout_s`` for records. Keep calling it while paused: polling is
+        what keeps this member in its group."""
+        polled = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        records: list[Received[T]] = []
+        dead: list[DeadLetter] = []
+        for batch in polled.values():
+            for rec in batch:
+                where = f"{rec.topic}/{rec.partition}/{rec.offset}"
+                try:
+                    value = self._decode(b"" if rec.value is None else rec.value, where)
+                except MessageError as err:
+                    dead.append(
+                        DeadLetter(
+                            reason=err.reason,
+                            detail=err.detail,
+                            topic=rec.topic,
+                            partition=rec.partition,
+                            offset=rec.offset,
+                            timestamp_ms=rec.timestamp,
+                            value=rec.value,
+                            key=rec.key,
+                            headers=tuple(rec.headers or ()),
+                        )
+                    )
+                else:
+                    records.append(
+                        Received(
+                            value,
+                            rec.topic,
+                            rec.partition,
+                            rec.offset,
+                            raw=rec.value,
+                            key=rec.key,
+                            timestamp_ms=rec.timestamp,
+                            headers=tuple(rec.headers or ()),
+                        )
+                    )
+        return PollBatch(records, dead)
+
+    def commit(self, offsets: Mapping[TopicPartition, int], timeout_s: float = 30.0) -> None:
+        """Mark every record up to ``offsets[tp]`` (inclusive) as done: commits offset + 1.
+
+        Raises CommitError when the broker refuses or does not answer in time.
+        """
+        if not offsets:
+            return
+        to_commit = {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in offsets.items()}
+        try:
+            self._consumer.commit(to_commit, timeout_ms=int(timeout_s * 1000))
+        except KafkaError as exc:
+            raise CommitError(f"commit of {dict(offsets)} failed: {exc}") from exc
+
+    @property
+    def paused(self) -> bool:
+        """True between ``pause`` and ``resume``."""
+        return self._paused
+
+    def pause(self) -> None:
+        """Stop fetching (backpressure); ``poll`` then returns empty batches."""
+        self._paused = True
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        """Fetch again after ``pause``."""
+        self._paused = False
+        self._consumer.resume(*self._consumer.paused())
+
+    def lag(self) -> int:
+        """Records on the broker not yet returned by ``poll``, over the assigned partitions.
+
+        Uses fetch high-water marks (``consumer.highwater``), not ListOffsets: Tansu 0.6
+        answers ListOffsets "latest" with the last batch's base offset + 1. kafka-python
+        reads a partition's mark when ``poll`` reaches that partition's fetched data, so
+        each term is as of that moment: a partition not reached yet counts 0, and just
+        after a burst the total can be low until ``poll`` has gone round the partitions.
+        """
+        total = 0
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                total += max(0, high - self._consumer.position(tp))
+        return total
+
+    def close(self) -> None:
+        """Leave the group (its partitions go to other members) without committing."""
+        self._consumer.close(autocommit=False)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class PromptConsumer(JsonConsumer[PromptRecord]):
+    """The generators' consumer of the prompts topic, in group ``cfg.generator_group``.
+
+    One poll returns at most ``cfg.poll_max_records`` prompts (a generation batch). A
+    prompt without an id gets ``topic/partition/offset``.
+    """
+
+    def __init__(self, cfg: KafkaConfig) -> None:
+        max_bytes = cfg.max_message_bytes
+        super().__init__(
+            cfg,
+            cfg.topics.prompts,
+            lambda value, where: decode_prompt(value, max_bytes, fallback_id=where),
+            group_id=cfg.generator_group,
+            max_poll_records=cfg.poll_max_records,
+        )
+
+
+def sample_consumer(cfg: KafkaConfig) -> JsonConsumer[Sample]:
+    """The trainer's consumer of the samples topic, in group ``cfg.trainer_group``."""
+    return JsonConsumer(
+        cfg, cfg.topics.samples, lambda value, _: decode_sample(value), group_id=cfg.trainer_group
+    )
+
+
+def adapter_reader(cfg: KafkaConfig) -> JsonConsumer[AdapterAnnouncement]:
+    """A generator's reader of every adapter announcement from the beginning (no group)."""
+    return JsonConsumer(
+        cfg, cfg.topics.adapters, lambda value, _: decode_adapter(value), group_id=None
+    )
+
+
+class _Acks:
+    """Counts the sends of one batch and waits until all are acknowledged or one fails."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sent = 0
+        self._acked = 0
+        self._error: BaseException | None = None
+
+    def track(self, future: FutureRecordMetadata) -> None:
+        with self._cond:
+            self._sent += 1
+        # Outside the lock: a future that is already done runs its callback right here.
+        future.add_callback(self._on_ack)
+        future.add_errback(self._on_error)
+
+    def _on_ack(self, _metadata: Any) -> None:
+        with self._cond:
+            self._acked += 1
+            self._cond.notify_all()
+
+    def _on_error(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = self._error or error
+            self._cond.notify_all()
+
+    def wait(self, timeout_s: float) -> int:
+        with self._cond:
+            done = self._cond.wait_for(
+                lambda: self._error is not None or self._acked == self._sent, timeout_s
+            )
+            if self._error is not None:
+                raise DeliveryError(
+                    f"{self._sent - self._acked} of {self._sent} records not delivered: "
+                    f"{self._error}",
+                    retriable=getattr(self._error, "retriable", True),
+                ) from self._error
+            if not done:
+                raise DeliveryError(
+                    f"{self._sent - self._acked} of {self._sent} records not acknowledged "
+                    f"within {timeout_s:g} s"
+                )
+            return self._sent
+
+
+def _key_bytes(key: Key) -> bytes | None:
+    return key.encode() if isinstance(key, str) else key
+
+
+class StreamProducer:
+    """Producer with acks from all in-sync replicas and a bounded delivery time.
+
+    A record not acknowledged within ``delivery_timeout_s`` fails its future (it may
+    still have been written). Records of one key keep their order unless a send is
+    retried; raft-stream's consumers do not depend on order.
+    """
+
+    def __init__(
+        self, cfg: KafkaConfig, *, delivery_timeout_s: float = 30.0, linger_ms: int = 5
+    ) -> None:
+        delivery_ms = int(delivery_timeout_s * 1000)
+        self._producer = KafkaProducer(
+            **kafka_client_kwargs(cfg),
+            acks="all",
+            # kafka-python 3.0.12 wedges an idempotent producer for good once a batch that
+            # was already sent expires (reset_producer_id leaves the state READY, so no
+            # InitProducerId is ever sent again): one outage longer than the delivery
+            # timeout would stall the service. At-least-once already tolerates duplicates.
+            enable_idempotence=False,
+            linger_ms=linger_ms,
+            delivery_timeout_ms=delivery_ms,
+            # Half the delivery time, so a timed-out request is retried once in it.
+            request_timeout_ms=max(500, delivery_ms // 2),
+            # send() waits for metadata or buffer space no longer than a delivery may take.
+            max_block_ms=delivery_ms,
+        )
+
+    def send_bytes(self, topic: str, value: bytes, key: Key = None) -> FutureRecordMetadata:
+        """Queue one record as it is; the future resolves when the broker acknowledges."""
+        try:
+            return self._producer.send(topic, value=value, key=_key_bytes(key))
+        except KafkaError as exc:
+            raise DeliveryError(f"send to {topic} failed: {exc}", retriable=exc.retriable) from exc
+
+    def send_json(self, topic: str, obj: Any, key: Key = None) -> FutureRecordMetadata:
+        """Queue one JSON message (see ``schema.dumps``)."""
+        return self.send_bytes(topic, dumps(obj), key)
+
+    def wait_all(self, futures: Iterable[FutureRecordMetadata], timeout_s: float) -> int:
+        """Consume ``futures`` (sends, possibly lazily made) and block until every record is
+        acknowledged; returns how many. Waits at most ``timeout_s`` after the last send.
+
+        Raises DeliveryError at the first failure or at the timeout.
+        """
+        acks = _Acks()
+        for future in futures:
+            acks.track(future)
+        return acks.wait(timeout_s)
+
+    def send_and_wait(
+        self, topic: str, messages: Iterable[tuple[Key, Any]], timeout_s: float
+    ) -> int:
+        """Send (key, JSON object) pairs and block until all are acknowledged (or raise
+        DeliveryError). Commit the offsets they came from only after this returns."""
+        return self.wait_all((self.send_json(topic, obj, key) for key, obj in messages), timeout_s)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Send everything queued and wait for it; KafkaTimeoutError after ``timeout_s``."""
+        self._producer.flush(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush for up to ``timeout_s``, then close."""
+        self._producer.close(timeout=timeout_s)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class DeadLetterWriter:
+    """Sends dead letters to the dead-letter topic, logs each, and reports each reason.
+
+    ``on_dead_letter(reason)`` runs once per acknowledged envelope, e.g.
+    ``lambda reason: DEAD_LETTERS.labels(reason=reason).inc()``.
+    """
+
+    def __init__(
+        self,
+        producer: StreamProducer,
+        topic: str,
+        on_dead_letter: Callable[[str], None] | None = None,
+        max_original_bytes: int = MAX_DEAD_LETTER_ORIGINAL_BYTES,
+    ) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._on_dead_letter = on_dead_letter
+        self._max_original_bytes = max_original_bytes
+
+    def write(self, letters: Sequence[DeadLetter], timeout_s: float = 30.0) -> None:
+        """Send the envelopes and block until all are acknowledged (or DeliveryError);
+        only then may the offsets of the original records be committed."""
+        if not letters:
+            return
+        self._producer.send_and_wait(
+            self._topic,
+            ((d.key, encode_dead_letter(d, self._max_original_bytes)) for d in letters),
+            timeout_s,
+        )
+        for letter in letters:
+            log.warning(
+                "dead-lettered %s/%d/%d: %s (%s)",
+                letter.topic,
+                letter.partition,
+                letter.offset,
+                letter.reason,
+                letter.detail,
+            )
+            if self._on_dead_letter is not None:
+                self._on_dead_letter(letter.reason)

@@ -1,0 +1,174 @@
+"""Helpers for the role tests: a test config, roles on threads, and topic readers."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kafka import KafkaAdminClient, KafkaProducer
+
+from raft_stream.config import KafkaConfig, RaftConfig, load_config
+from raft_stream.roles.lifecycle import Shutdown
+from raft_stream.stream.kafka import (
+    JsonConsumer,
+    StreamProducer,
+    TopicPartition,
+    ensure_topics,
+    kafka_client_kwargs,
+)
+from raft_stream.stream.schema import DeadLetter, decode_dead_letter, decode_sample
+from raft_stream.types import Sample
+
+T = TypeVar("T")
+
+# The tiny model with vLLM's session engine (max_model_len 256, LoRA rank <= 8), small
+# batches so rounds come often, and fast adapter pick-up.
+TINY_SETTINGS: dict[str, Any] = {
+    "model.max_model_len": 256,
+    "generation.sampling.k": 8,
+    "generation.sampling.max_new_tokens": 24,
+    "generation.sampling.seed": None,
+    "generation.max_lora_rank": 8,
+    "generation.enforce_eager": True,
+    "training.lora_r": 8,
+    "training.lora_alpha": 16,
+    "training.learning_rate": 1e-3,
+    "training.epochs": 2,
+    "training.batch_size": 8,
+    "training.max_length": 64,
+    "buffer.capacity": 64,
+    "buffer.batch_size": 32,
+    "ranking.min_response_tokens": 2,
+    "daemon.adapter_poll_interval_s": 0.2,
+    "daemon.grace_period_s": 20,
+    "server.host": "127.0.0.1",
+    "server.port": 0,
+}
+
+
+def role_config(
+    kafka: KafkaConfig, state_dir: Path, model_dir: Path, **overrides: Any
+) -> RaftConfig:
+    """A RaftConfig for the tiny model on ``kafka``; ``overrides`` use dotted keys."""
+    settings = {
+        **TINY_SETTINGS,
+        "model.name_or_path": str(model_dir),
+        "daemon.state_dir": str(state_dir),
+        **overrides,
+    }
+    return load_config(overrides={**settings, "kafka": kafka.model_dump(mode="json")})
+
+
+class RoleThread:
+    """Runs a role's ``run`` on a thread; ``stop`` requests shutdown and joins."""
+
+    def __init__(self, run: Callable[[], None], shutdown: Shutdown, name: str) -> None:
+        self.shutdown = shutdown
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                run()
+            except BaseException as err:  # surfaced by stop()
+                self.error = err
+
+        self.thread = threading.Thread(target=target, name=name, daemon=True)
+        self.thread.start()
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.shutdown.request("test over")
+        self.thread.join(timeout_s)
+        assert not self.thread.is_alive(), "the role did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.1)
+
+
+def produce_prompts(cfg: KafkaConfig, prompts: Iterable[tuple[str, str]]) -> int:
+    """Send (id, prompt) pairs to the prompts topic; returns how many were acked."""
+    ensure_topics(cfg, [cfg.topics.prompts])
+    with StreamProducer(cfg) as producer:
+        return producer.send_and_wait(
+            cfg.topics.prompts, [(i, {"id": i, "prompt": p}) for i, p in prompts], 30
+        )
+
+
+def produce_raw(cfg: KafkaConfig, values: Iterable[bytes]) -> None:
+    """Send raw bytes (well-formed or not) to the prompts topic, as any client may."""
+    ensure_topics(cfg, [cfg.topics.prompts])
+    raw = KafkaProducer(**kafka_client_kwargs(cfg))
+    for value in values:
+        raw.send(cfg.topics.prompts, value=value)
+    raw.flush(30)
+    raw.close()
+
+
+class TopicReader:
+    """Reads a topic from the beginning without a group, accumulating what it decodes."""
+
+    def __init__(self, cfg: KafkaConfig, topic: str, decode: Callable[[bytes], T]) -> None:
+        ensure_topics(cfg, [topic])
+        self.items: list[T] = []
+        self._reader: JsonConsumer[T] = JsonConsumer(
+            cfg, topic, lambda value, _: decode(value), group_id=None
+        )
+
+    def read(self, timeout_s: float = 0.2) -> list[T]:
+        self.items += [r.value for r in self._reader.poll(timeout_s).records]
+        return self.items
+
+    def read_until(self, condition: Callable[[list[T]], bool], timeout_s: float, what: str) -> list[T]:
+        deadline = time.monotonic() + timeout_s
+        while not condition(self.read()):
+            assert time.monotonic() < deadline, (
+                f"timed out after {timeout_s} s waiting for {what}; have {len(self.items)}"
+            )
+        return self.items
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def sample_reader(cfg: KafkaConfig) -> TopicReader[Sample]:
+    return TopicReader(cfg, cfg.topics.samples, decode_sample)
+
+
+def dead_letter_reader(cfg: KafkaConfig) -> TopicReader[DeadLetter]:
+    return TopicReader(cfg, cfg.topics.dead_letter, decode_dead_letter)
+
+
+def prompt_ids(samples: Iterable[Sample]) -> set[str]:
+    return {s.prompt_id for s in samples}
+
+
+def mean_reward_by_version(samples: Iterable[Sample]) -> dict[int, tuple[float, int]]:
+    """adapter version -> (mean reward, count) over the scored samples."""
+    rewards: dict[int, list[float]] = defaultdict(list)
+    for sample in samples:
+        if sample.reward is not None:
+            rewards[sample.adapter_version].append(sample.reward)
+    return {v: (statistics.fmean(r), len(r)) for v, r in sorted(rewards.items())}
+
+
+def committed_offsets(cfg: KafkaConfig, group: str) -> dict[TopicPartition, int]:
+    """The group's committed offsets (next offset to read) per partition."""
+    admin = KafkaAdminClient(**kafka_client_kwargs(cfg))
+    try:
+        offsets = admin.list_group_offsets(group).get(group, {})
+        return {tp: meta.offset for tp, meta in offsets.items()}
+    finally:
+        admin.close()

@@ -1,0 +1,120 @@
+"""LoRA SFT on kept samples: response-only loss, seeded, resumable with optimizer state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raft_stream.config import TrainingConfig
+from raft_stream.errors import TrainingError
+from raft_stream.training.lora_trainer import IGNORE_INDEX, LoRATrainer, encode_sample
+from raft_stream.training.store import AdapterStore
+from raft_stream.types import Sample
+
+CFG = TrainingConfig(lora_r=4, lora_alpha=8, learning_rate=5e-3, batch_size=4, max_length=64)
+
+
+def make(response: str, prompt: str = "the movie was", finish: str | None = "stop") -> Sample:
+    return Sample(
+        prompt_id=prompt,
+        prompt=prompt,
+        prompt_text=prompt,
+        response=response,
+        response_tokens=len(response.split()),
+        adapter_version=0,
+        reward=0.5,
+        finish_reason=finish,
+    )
+
+
+BATCH = [make(" wonderful and the story was moving."), make(" great fun.", "the film was")] * 4
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_labels_mask_the_prompt_and_end_with_eos(tiny_model_dir: Path) -> None:
+    trainer = LoRATrainer(str(tiny_model_dir), CFG)
+    tok = trainer.tokenizer
+    ids, labels = encode_sample(tok, make(" wonderful."), max_length=64)
+    n_prompt = len(tok("the movie was").input_ids)
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert labels[-1] == tok.eos_token_id
+
+
+def test_a_response_cut_by_max_tokens_gets_no_eos(tiny_model_dir: Path) -> None:
+    tok = LoRATrainer(str(tiny_model_dir), CFG).tokenizer
+    _, labels = encode_sample(tok, make(" wonderful", finish="length"), max_length=64)
+    assert labels[-1] != tok.eos_token_id
+
+
+def test_long_samples_lose_prompt_tokens_from_the_left(tiny_model_dir: Path) -> None:
+    tok = LoRATrainer(str(tiny_model_dir), CFG).tokenizer
+    sample = make(" great.", prompt="the movie was " * 30)
+    ids, labels = encode_sample(tok, sample, max_length=16)
+    response_len = len(tok(" great.", add_special_tokens=False).input_ids) + 1
+    assert len(ids) == 16
+    assert labels[-response_len:] == ids[-response_len:]
+
+
+def test_training_lowers_the_loss_on_a_repeated_batch(tiny_model_dir: Path) -> None:
+    trainer = LoRATrainer(str(tiny_model_dir), CFG)
+    first = trainer.train(BATCH)
+    for _ in range(4):
+        last = trainer.train(BATCH)
+    assert last.loss < first.loss * 0.9
+    assert first.optimizer_steps == 2 and first.tokens > 0
+
+
+def test_only_lora_weights_change(tiny_model_dir: Path) -> None:
+    trainer = LoRATrainer(str(tiny_model_dir), CFG)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" not in n}
+    trainer.train(BATCH)
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(before, after[name]) for name, before in frozen.items())
+
+
+def test_same_seed_gives_the_same_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        trainer = LoRATrainer(str(tiny_model_dir), CFG)
+        trainer.train(BATCH)
+        trainer.save(tmp_path / name)
+    a, b = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_continues_the_adapter_and_its_optimizer_state(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    store = AdapterStore(tmp_path / "adapters", base_model=str(tiny_model_dir))
+    trainer = LoRATrainer(str(tiny_model_dir), CFG)
+    trainer.train(BATCH)
+    stored = store.write(trainer.save, {})
+
+    resumed = LoRATrainer(str(tiny_model_dir), CFG, resume_from=stored)
+    assert (resumed.rounds, resumed.optimizer_steps) == (1, 2)
+    original_state = trainer.optimizer.state_dict()["state"]
+    resumed_state = resumed.optimizer.state_dict()["state"]
+    assert original_state.keys() == resumed_state.keys()
+    assert all(
+        torch.equal(original_state[k]["exp_avg"], resumed_state[k]["exp_avg"])
+        for k in original_state
+    )
+    # Continuing from the stored adapter gives the same weights as never stopping.
+    trainer.train(BATCH)
+    resumed.train(BATCH)
+    trainer.save(tmp_path / "continued")
+    resumed.save(tmp_path / "resumed")
+    a, b = adapter_tensors(tmp_path / "continued"), adapter_tensors(tmp_path / "resumed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_raises_error_on_an_empty_batch(tiny_model_dir: Path) -> None:
+    with pytest.raises(TrainingError, match="empty batch"):
+        LoRATrainer(str(tiny_model_dir), CFG).train([])

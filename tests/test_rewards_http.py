@@ -1,0 +1,152 @@
+"""The http reward kind against the reference server (and a few broken servers), over TCP."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from raft_stream.errors import RewardError
+from raft_stream.rewards.function import reward_from_callable
+from raft_stream.rewards.http import HttpReward
+from raft_stream.rewards.server import RewardServer, make_reward_server
+
+FakeServer = Callable[..., str]
+
+
+def length_or_nan(text: str) -> float:
+    if text == "boom":
+        raise RuntimeError("scorer exploded")
+    return math.nan if text == "nan" else float(len(text))
+
+
+@contextlib.contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[None]:
+    """Run ``server`` in a thread for the duration of the block."""
+    # A short poll interval makes shutdown() quick.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def reward_server() -> Iterator[RewardServer]:
+    server = make_reward_server(reward_from_callable(length_or_nan), "127.0.0.1", 0)
+    with serving(server):
+        yield server
+
+
+@pytest.fixture
+def fake_server() -> Iterator[FakeServer]:
+    """``start(status, body, delay_s=0)``: a server answering every POST so; returns its URL."""
+    with contextlib.ExitStack() as stack:
+
+        def start(status: int, body: bytes, delay_s: float = 0.0) -> str:
+            class Handler(BaseHTTPRequestHandler):
+                def do_POST(self) -> None:
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                    time.sleep(delay_s)
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+                def log_message(self, format: str, *args: object) -> None:
+                    pass  # keep test output clean
+
+            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            server.daemon_threads = True
+            stack.enter_context(serving(server))
+            return f"http://127.0.0.1:{server.server_address[1]}/score"
+
+        yield start
+
+
+def test_http_reward_returns_the_served_rewards(reward_server: RewardServer) -> None:
+    reward = HttpReward(reward_server.url, timeout_s=5)
+    assert reward(["q", "q"], ["abc", "hello"]) == [3.0, 5.0]
+
+
+def test_http_reward_reuses_one_connection_across_calls(reward_server: RewardServer) -> None:
+    reward = HttpReward(reward_server.url, timeout_s=5)
+    for response in ["a", "b", "c"]:
+        reward(["q"], [response])
+    pools = reward.session.adapters["http://"].poolmanager.pools  # type: ignore[attr-defined]
+    (pool,) = [pools[key] for key in pools.keys()]
+    assert pool.num_connections == 1
+
+
+def test_server_sends_null_for_nan_and_client_reads_it_as_nan(
+    reward_server: RewardServer,
+) -> None:
+    body = requests.post(reward_server.url, json={"prompts": ["q"], "responses": ["nan"]}).json()
+    assert body == {"rewards": [None]}
+    assert math.isnan(HttpReward(reward_server.url)(["q"], ["nan"])[0])
+
+
+def test_raises_reward_error_with_status_when_server_reward_fails(
+    reward_server: RewardServer,
+) -> None:
+    with pytest.raises(RewardError, match=r"answered HTTP 500 .*scorer exploded"):
+        HttpReward(reward_server.url)(["q"], ["boom"])
+
+
+def test_server_answers_400_to_a_malformed_request(reward_server: RewardServer) -> None:
+    answer = requests.post(reward_server.url, json={"prompts": ["q"], "responses": [1]})
+    assert answer.status_code == 400
+    assert answer.json() == {"error": "'responses' must be a list of strings"}
+
+
+def test_server_answers_healthz(reward_server: RewardServer) -> None:
+    url = reward_server.url.replace("/score", "/healthz")
+    assert requests.get(url).json() == {"status": "ok"}
+
+
+def test_raises_reward_error_when_server_answers_bad_json(fake_server: FakeServer) -> None:
+    url = fake_server(200, b"<html>not json</html>")
+    with pytest.raises(RewardError, match=r"answered invalid JSON: '<html>not json</html>'"):
+        HttpReward(url)(["q"], ["a"])
+
+
+def test_raises_reward_error_when_server_answers_wrong_length(fake_server: FakeServer) -> None:
+    url = fake_server(200, b'{"rewards": [1.0]}')
+    with pytest.raises(RewardError, match=r"returned 1 rewards for 2 samples"):
+        HttpReward(url)(["q", "q"], ["a", "b"])
+
+
+def test_raises_reward_error_when_answer_has_no_rewards_list(fake_server: FakeServer) -> None:
+    url = fake_server(200, b'{"scores": [1.0]}')
+    with pytest.raises(RewardError, match=r"answered without a 'rewards' list"):
+        HttpReward(url)(["q"], ["a"])
+
+
+def test_raises_reward_error_on_non_2xx(fake_server: FakeServer) -> None:
+    url = fake_server(503, b"overloaded")
+    with pytest.raises(RewardError, match=r"answered HTTP 503 .*'overloaded'"):
+        HttpReward(url)(["q"], ["a"])
+
+
+def test_raises_reward_error_when_server_is_slower_than_timeout(fake_server: FakeServer) -> None:
+    url = fake_server(200, b'{"rewards": [1.0]}', delay_s=1.0)
+    with pytest.raises(RewardError, match=r"request failed: .*timed out"):
+        HttpReward(url, timeout_s=0.2)(["q"], ["a"])
+
+
+def test_raises_reward_error_when_nothing_listens() -> None:
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(RewardError, match=r"request failed: .*Connection refused"):
+        HttpReward(f"http://127.0.0.1:{port}/score", timeout_s=2)(["q"], ["a"])

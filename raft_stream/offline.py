@@ -17,7 +17,7 @@ from rich.table import Table
 from raft_stream.config import RaftConfig
 from raft_stream.data.models import resolve_model
 from raft_stream.data.prompts import read_prompts_jsonl
-from raft_stream.generation.base import SamplingParams, build_generator
+from raft_stream.generation.base import Generator, SamplingParams, build_generator
 from raft_stream.plotting import plot_learning_curve
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
@@ -136,8 +136,14 @@ def summary_table(report: OfflineReport) -> Table:
     return table
 
 
-def run_offline(cfg: RaftConfig, console: Console | None = None) -> OfflineReport:
-    """Run offline RAFT as configured; writes metrics.csv, learning_curve.png and adapters."""
+def run_offline(
+    cfg: RaftConfig, console: Console | None = None, generator: Generator | None = None
+) -> OfflineReport:
+    """Run offline RAFT as configured; writes metrics.csv, learning_curve.png and adapters.
+
+    ``generator``: an engine already running on ``cfg.model`` to reuse (left open);
+    None builds the configured backend and closes it at the end.
+    """
     console = console or Console()
     started = time.perf_counter()
     out = cfg.offline.output_dir
@@ -151,7 +157,9 @@ def run_offline(cfg: RaftConfig, console: Console | None = None) -> OfflineRepor
         else []
     )
     sampling = SamplingParams.from_config(cfg.generation.sampling)
-    generator = build_generator(model_path, cfg.model, cfg.generation)
+    owns_generator = generator is None
+    if generator is None:
+        generator = build_generator(model_path, cfg.model, cfg.generation)
     sampler = RaftSampler(
         generator, SafeReward(build_reward(cfg.reward), cfg.reward.timeout_s), cfg.ranking, sampling
     )
@@ -219,7 +227,8 @@ def run_offline(cfg: RaftConfig, console: Console | None = None) -> OfflineRepor
             report.eval_after = evaluate(eval_sampler, eval_prompts, adapter)
             console.print(f"held-out reward after:  {report.eval_after.reward_mean:.3f}")
     finally:
-        generator.close()
+        if owns_generator:
+            generator.close()
     report.wall_s = time.perf_counter() - started
     write_metrics_csv(report.iterations, out / "metrics.csv")
     if report.iterations:

@@ -6,14 +6,22 @@ import statistics
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kafka import KafkaAdminClient, KafkaProducer
+from prometheus_client import CollectorRegistry
 
 from raft_stream.config import KafkaConfig, RaftConfig, load_config
+from raft_stream.metrics import RaftMetrics
+from raft_stream.prompting import PromptFormatter
+from raft_stream.rewards.registry import build_safe_reward
+from raft_stream.roles.generator import GeneratorRole
 from raft_stream.roles.lifecycle import Shutdown
+from raft_stream.roles.trainer import TrainerRole
 from raft_stream.stream.kafka import (
     JsonConsumer,
     StreamProducer,
@@ -23,6 +31,9 @@ from raft_stream.stream.kafka import (
 )
 from raft_stream.stream.schema import DeadLetter, decode_dead_letter, decode_sample
 from raft_stream.types import Sample
+
+if TYPE_CHECKING:
+    from raft_stream.generation.vllm_backend import VLLMGenerator
 
 T = TypeVar("T")
 
@@ -36,8 +47,8 @@ TINY_SETTINGS: dict[str, Any] = {
     "generation.max_lora_rank": 8,
     "generation.enforce_eager": True,
     "training.lora_r": 8,
-    "training.lora_alpha": 16,
-    "training.learning_rate": 1e-3,
+    "training.lora_alpha": 32,
+    "training.learning_rate": 3e-3,
     "training.epochs": 2,
     "training.batch_size": 8,
     "training.max_length": 64,
@@ -61,7 +72,8 @@ def role_config(
         "daemon.state_dir": str(state_dir),
         **overrides,
     }
-    return load_config(overrides={**settings, "kafka": kafka.model_dump(mode="json")})
+    # The kafka section first: dotted "kafka.*" overrides then land inside it.
+    return load_config(overrides={"kafka": kafka.model_dump(mode="json"), **settings})
 
 
 class RoleThread:
@@ -91,11 +103,13 @@ class RoleThread:
             raise self.error
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.1)
+        time.sleep(poll_s)
 
 
 def produce_prompts(cfg: KafkaConfig, prompts: Iterable[tuple[str, str]]) -> int:
@@ -107,12 +121,13 @@ def produce_prompts(cfg: KafkaConfig, prompts: Iterable[tuple[str, str]]) -> int
         )
 
 
-def produce_raw(cfg: KafkaConfig, values: Iterable[bytes]) -> None:
-    """Send raw bytes (well-formed or not) to the prompts topic, as any client may."""
-    ensure_topics(cfg, [cfg.topics.prompts])
+def produce_raw(cfg: KafkaConfig, values: Iterable[bytes], topic: str | None = None) -> None:
+    """Send raw bytes (well-formed or not) to a topic (default: prompts), as any client may."""
+    topic = topic or cfg.topics.prompts
+    ensure_topics(cfg, [topic])
     raw = KafkaProducer(**kafka_client_kwargs(cfg))
     for value in values:
-        raw.send(cfg.topics.prompts, value=value)
+        raw.send(topic, value=value)
     raw.flush(30)
     raw.close()
 
@@ -131,7 +146,9 @@ class TopicReader:
         self.items += [r.value for r in self._reader.poll(timeout_s).records]
         return self.items
 
-    def read_until(self, condition: Callable[[list[T]], bool], timeout_s: float, what: str) -> list[T]:
+    def read_until(
+        self, condition: Callable[[list[T]], bool], timeout_s: float, what: str
+    ) -> list[T]:
         deadline = time.monotonic() + timeout_s
         while not condition(self.read()):
             assert time.monotonic() < deadline, (
@@ -172,3 +189,54 @@ def committed_offsets(cfg: KafkaConfig, group: str) -> dict[TopicPartition, int]
         return {tp: meta.offset for tp, meta in offsets.items()}
     finally:
         admin.close()
+
+
+@dataclass
+class Roles:
+    """A generator (and maybe a trainer) running on threads in this process."""
+
+    generator: GeneratorRole
+    trainer: TrainerRole | None
+    metrics: RaftMetrics
+    shutdown: Shutdown
+    threads: list[RoleThread]
+
+    def alive(self) -> bool:
+        return all(t.alive() for t in self.threads)
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+@contextmanager
+def running_roles(
+    cfg: RaftConfig, engine: VLLMGenerator, model_dir: Path, *, trainer: bool = True
+) -> Iterator[Roles]:
+    """Start the roles on the session's engine; on exit request shutdown and join them.
+
+    The engine outlives each test, so the adapters an earlier test loaded are removed
+    first: vLLM caches a LoRA by its id (the version number), and every test's store
+    starts again at v1.
+    """
+    for version in engine.added_adapters:
+        engine.remove_adapter(version)
+    metrics = RaftMetrics(CollectorRegistry())
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    formatter = PromptFormatter.from_model(str(model_dir), cfg.model)
+    generator = GeneratorRole(
+        cfg, engine, formatter, build_safe_reward(cfg.reward), metrics, shutdown
+    )
+    threads = []
+    trainer_role = None
+    if trainer:
+        trainer_role = TrainerRole(cfg, str(model_dir), metrics, shutdown)
+        threads.append(RoleThread(trainer_role.run, shutdown, "test-trainer"))
+    threads.append(RoleThread(generator.run, shutdown, "test-generator"))
+    roles = Roles(generator, trainer_role, metrics, shutdown, threads)
+    try:
+        yield roles
+    finally:
+        shutdown.request("test over")
+        for thread in threads:
+            thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)

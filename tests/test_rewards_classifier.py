@@ -12,13 +12,17 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
+from raft_stream.config import RewardConfig
 from raft_stream.errors import ConfigError
+from raft_stream.rewards import build_reward
 from raft_stream.rewards.classifier import ClassifierReward
 
-WORDS = "the a film movie was is great awful boring fun long short plot acting i it".split()
+WORDS = ["the", "a", "film", "movie", "was", "is", "great", "awful", "boring", "fun"]
+WORDS += ["long", "short", "plot", "acting", "i", "it"]
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 MAX_POSITIONS = 16
 TEXTS = ["the film was great", "awful", "i it boring plot acting was long", "fun fun", "zzz"]
@@ -79,15 +83,17 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=MAX_POSITIONS,
-        num_labels=2,
         initializer_range=0.5,
     )
+    config.num_labels = 2
     LlamaForSequenceClassification(config).save_pretrained(folder)
     return folder
 
 
 @torch.inference_mode()
-def probabilities_one_by_one(folder: Path, texts: list[str], model_cls: type) -> torch.Tensor:
+def probabilities_one_by_one(
+    folder: Path, texts: list[str], model_cls: type[PreTrainedModel]
+) -> torch.Tensor:
     """Each text alone (no padding), tokenized by the raw tokenizer file, truncated by hand."""
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     model = model_cls.from_pretrained(folder).eval()
@@ -147,3 +153,9 @@ def test_raises_config_error_when_label_index_out_of_range(bert_dir: Path) -> No
 def test_raises_config_error_when_model_missing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"reward.model '.*no-model' could not be loaded"):
         ClassifierReward(str(tmp_path / "no-model"))
+
+
+def test_build_reward_builds_the_configured_classifier(bert_dir: Path) -> None:
+    reward = build_reward(RewardConfig(kind="classifier", model=str(bert_dir), label="positive"))
+    assert isinstance(reward, ClassifierReward)
+    assert reward.label_index == 2

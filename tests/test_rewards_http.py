@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,7 +87,8 @@ def test_http_reward_reuses_one_connection_across_calls(reward_server: RewardSer
     for response in ["a", "b", "c"]:
         reward(["q"], [response])
     pools = reward.session.adapters["http://"].poolmanager.pools  # type: ignore[attr-defined]
-    (pool,) = [pools[key] for key in pools.keys()]
+    (key,) = pools.keys()  # the container refuses plain iteration
+    pool = pools[key]
     assert pool.num_connections == 1
 
 
@@ -150,3 +154,18 @@ def test_raises_reward_error_when_nothing_listens() -> None:
         port = probe.getsockname()[1]
     with pytest.raises(RewardError, match=r"request failed: .*Connection refused"):
         HttpReward(f"http://127.0.0.1:{port}/score", timeout_s=2)(["q"], ["a"])
+
+
+def test_server_command_serves_a_python_reward() -> None:
+    command = [sys.executable, "-m", "raft_stream.rewards.server", "--kind", "python"]
+    command += ["--function", "builtins:len", "--port", "0"]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stderr is not None
+        line = server.stderr.readline()  # the first log line names the URL
+        match = re.search(r"at (http://\S+/score)", line)
+        assert match, line
+        assert HttpReward(match.group(1), timeout_s=5)(["q"], ["four"]) == [4.0]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

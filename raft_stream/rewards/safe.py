@@ -41,10 +41,6 @@ class RewardOutcome:
     reward: float | None
     reason: str | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.reward is not None
-
 
 _ERROR = RewardOutcome(None, REWARD_ERROR)
 _TIMEOUT = RewardOutcome(None, REWARD_TIMEOUT)

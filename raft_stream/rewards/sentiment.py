@@ -2,7 +2,7 @@
 
 Example:
     >>> VaderReward()([""], ["What a wonderful, moving film."])
-    [0.7346]
+    [0.5719]
 """
 
 from __future__ import annotations

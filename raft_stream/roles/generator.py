@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 from raft_stream.config import RaftConfig
@@ -150,7 +151,6 @@ class GeneratorRole:
         """Generate, deliver, then commit one batch (nothing is committed on shutdown
         during an outage: the batch is redone by whoever consumes it next)."""
         self.metrics.prompts_consumed_total.inc(len(batch))
-        version = self.served_version
         scored, failed = self._sample([self.formatter.format(r.value) for r in batch.records])
         letters = [*batch.dead]
         for index, error in failed:
@@ -173,7 +173,7 @@ class GeneratorRole:
             return
         commit_quietly(clients.consumer, batch.last_offsets(), "prompts")
         self.batches += 1
-        self._observe(scored, version)
+        self._observe(scored)
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -220,16 +220,23 @@ class GeneratorRole:
             return False
         return True
 
-    def _observe(self, scored: ScoredBatch, version: int) -> None:
+    def _observe(self, scored: ScoredBatch) -> None:
         m = self.metrics
         m.samples_generated_total.inc(len(scored.samples))
         m.samples_kept_total.inc(len(scored.selection.kept))
         for reason, count in scored.selection.rejected_by_reason.items():
             m.count_rejected(reason, count)
-        if scored.samples:
-            m.observe_generation(scored.tokens, scored.generation_s)
-            m.observe_responses([s.response for s in scored.samples])
-            m.observe_rewards(scored.rewards, version)
+        if not scored.samples:
+            return
+        m.observe_generation(scored.tokens, scored.generation_s)
+        m.observe_responses([s.response for s in scored.samples])
+        # By the version that made each sample: a batch may have fallen back mid-way.
+        rewards: dict[int, list[float]] = defaultdict(list)
+        for sample in scored.samples:
+            if sample.reward is not None:
+                rewards[sample.adapter_version].append(sample.reward)
+        for version, values in sorted(rewards.items()):
+            m.observe_rewards(values, version)
 
     # -- adapters --------------------------------------------------------------------------
 

@@ -116,6 +116,9 @@ class TrainerRole:
         self.store = AdapterStore(
             state_dir / ADAPTERS_DIR, base_model=model_path, keep_last=cfg.store.keep_last
         )
+        # A kill during a save leaves the temporary file; this process is the only writer.
+        for stale in state_dir.glob(f".{BUFFER_FILE}.*.tmp"):
+            stale.unlink(missing_ok=True)
         self.buffer = RewardBuffer(
             cfg.buffer.capacity, cfg.buffer.batch_size, state_dir / BUFFER_FILE
         )

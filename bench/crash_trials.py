@@ -2,7 +2,7 @@
 and count what survived.
 
 Each trial starts ``raft-stream run`` (tiny model, vLLM backend) against a broker that
-outlives it, waits until the generator serves, lets it work for a random 0..max_delay_s,
+outlives it, waits until it publishes samples, lets it work for a random 0..max_delay_s,
 then kills its whole process group with SIGKILL (as a node failure would). A last run
 finishes the backlog. Then it counts: prompts produced, prompts processed at least once
 (their samples are on the samples topic), prompts processed more than once (duplicates,
@@ -41,6 +41,7 @@ from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import JsonConsumer, StreamProducer, ensure_topics
 from raft_stream.stream.schema import decode_sample
 from raft_stream.training.store import AdapterStore
+from raft_stream.types import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "crash_trials.json"
@@ -192,24 +193,46 @@ def produce(kafka: KafkaConfig, ids: list[str]) -> None:
         producer.send_and_wait(kafka.topics.prompts, messages, 60)
 
 
-def processed_counts(
-    kafka: KafkaConfig, wanted: set[str], timeout_s: float, k: int
-) -> Counter[str]:
-    """Times each prompt was processed (its samples / K), reading the samples topic until
-    every wanted id is there or ``timeout_s`` passes."""
-    samples: Counter[str] = Counter()
-    deadline = time.monotonic() + timeout_s
-    with JsonConsumer(
-        kafka, kafka.topics.samples, lambda v, _: decode_sample(v), group_id=None
-    ) as reader:
-        idle_rounds = 0
-        while time.monotonic() < deadline:
-            records = reader.poll(0.5).records
-            samples.update(r.value.prompt_id for r in records)
-            idle_rounds = 0 if records else idle_rounds + 1
-            if wanted <= set(samples) and idle_rounds >= 4:  # all there, and read to the end
-                break
-    return Counter({ident: max(1, count // k) for ident, count in samples.items()})
+class SampleCounter:
+    """Counts the samples per prompt id on the samples topic (read without a group)."""
+
+    def __init__(self, kafka: KafkaConfig) -> None:
+        ensure_topics(kafka, [kafka.topics.samples])
+        self.counts: Counter[str] = Counter()
+        self._reader: JsonConsumer[Sample] = JsonConsumer(
+            kafka, kafka.topics.samples, lambda v, _: decode_sample(v), group_id=None
+        )
+
+    def update(self, timeout_s: float = 0.2) -> int:
+        """Read what arrived; returns how many samples that was."""
+        records = self._reader.poll(timeout_s).records
+        self.counts.update(r.value.prompt_id for r in records)
+        return len(records)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def wait_for_more(self, than: int, timeout_s: float) -> bool:
+        """Wait until more than ``than`` samples were read; False at the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.total <= than and time.monotonic() < deadline:
+            self.update()
+        return self.total > than
+
+    def read_to_end(self, wanted: set[str], timeout_s: float) -> None:
+        """Read until every wanted id is there and two seconds pass with nothing new."""
+        deadline = time.monotonic() + timeout_s
+        quiet = 0
+        while time.monotonic() < deadline and (quiet < 4 or not wanted <= set(self.counts)):
+            quiet = 0 if self.update(0.5) else quiet + 1
+
+    def processed(self, k: int) -> Counter[str]:
+        """Times each prompt was processed: every processing publishes its K samples."""
+        return Counter({ident: max(1, n // k) for ident, n in self.counts.items()})
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 def verify_versions(store_root: Path, model_dir: Path) -> tuple[int, int]:
@@ -251,23 +274,31 @@ def run_trials(
     produce(cfg.kafka, ids)
     report = CrashReport(trials=trials, produced=len(ids))
     daemon = DaemonProcess(config_path, work_dir / "daemon.log")
+    counter = SampleCounter(cfg.kafka)
     try:
         for trial in range(trials + 1):
+            before = counter.total
             daemon.start()
             launched = time.monotonic()
             daemon.wait_for_log("generator serving", start_timeout_s)
             report.start_to_serving_s.append(round(time.monotonic() - launched, 1))
             if trial == trials:
                 break  # the last run finishes the backlog
+            # Under load: once this run publishes samples (its group join and first batch
+            # are done), let it work a random while, then kill it.
+            counter.wait_for_more(than=before, timeout_s=120)
             delay = rng.uniform(0, max_kill_delay_s)
             report.kill_delays_s.append(round(delay, 2))
             time.sleep(delay)
             daemon.kill()
-            print(f"trial {trial + 1}/{trials}: killed {delay:.1f} s after serving", flush=True)
-        counts = processed_counts(cfg.kafka, set(ids), timeout_s=300, k=cfg.generation.sampling.k)
+            print(f"trial {trial + 1}/{trials}: killed {delay:.1f} s into its work", flush=True)
+        counter.read_to_end(set(ids), timeout_s=300)
     except BaseException:
         daemon.close()
         raise
+    finally:
+        counter.close()
+    counts = counter.processed(cfg.generation.sampling.k)
     report.processed = sum(1 for ident in ids if counts[ident] >= 1)
     report.duplicates = sum(counts[ident] - 1 for ident in ids if counts[ident] > 1)
     report.lost_ids = [ident for ident in ids if counts[ident] == 0]
@@ -288,8 +319,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--trials", type=int, default=100)
-    parser.add_argument("--prompts", type=int, default=0, help="default: 80 per trial")
-    parser.add_argument("--max-kill-delay", type=float, default=5.0, help="seconds after serving")
+    parser.add_argument("--prompts", type=int, default=0, help="default: 100 per trial")
+    parser.add_argument(
+        "--max-kill-delay", type=float, default=5.0, help="seconds of work before a kill"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bootstrap", help="a running broker (default: start one)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -321,7 +354,7 @@ def main() -> int:
             cfg,
             work_dir,
             trials=args.trials,
-            prompts=args.prompts or 80 * args.trials,
+            prompts=args.prompts or 100 * args.trials,
             max_kill_delay_s=args.max_kill_delay,
             seed=args.seed,
         )

@@ -303,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The Kafka client's per-connection chatter drowns the commands' own output.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

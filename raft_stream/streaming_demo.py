@@ -9,6 +9,7 @@ prompts seen.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import statistics
@@ -127,6 +128,7 @@ def plot_stream(watch: StreamWatch, path: Path) -> None:
 def run_streaming_demo(out: Path, prompts: int, budget_s: float, console: Console) -> StreamWatch:
     """Run the demo; returns what it saw. Writes reward.png and summary.json into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # keep the live view readable
     console.print("[bold]1/4[/] demo model (SmolLM2-135M-Instruct, converted once) ...")
     ensure_demo_model()
     prompts_file = out / "prompts.jsonl"

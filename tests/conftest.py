@@ -64,7 +64,6 @@ def tiny_lora_adapters(
 @pytest.fixture(scope="session")
 def vllm_generator(tiny_model_dir: Path) -> Iterator[VLLMGenerator]:
     """One vLLM engine on the tiny model for the whole run: starting one takes 25-90 s."""
-    pytest.importorskip("vllm")
     from raft_stream.config import GenerationConfig, ModelConfig
     from raft_stream.generation.vllm_backend import VLLMGenerator
 

@@ -33,6 +33,8 @@ from tests.roles_support import committed_offsets, prompt_ids, sample_reader
 pytestmark = [pytest.mark.kafka, pytest.mark.vllm, pytest.mark.slow]
 
 TRIALS = 3
+PROMPTS = 300
+"""Enough that each killed run still has a backlog to work on."""
 DRAIN_PROMPTS = 64
 """Prompts produced just before SIGTERM, so a batch is in flight when it comes."""
 
@@ -79,7 +81,7 @@ def crash_run(
     seed = random.randrange(1 << 30)
     print(f"crash trials seed {seed}")
     report, daemon = run_trials(
-        cfg, work, trials=TRIALS, prompts=160, max_kill_delay_s=4.0, seed=seed
+        cfg, work, trials=TRIALS, prompts=PROMPTS, max_kill_delay_s=4.0, seed=seed
     )
     try:
         url = daemon.wait_for_log("metrics and probes on", 10)["msg"].rsplit(" ", 1)[-1]
@@ -104,7 +106,7 @@ def test_every_prompt_is_processed_at_least_once_across_random_sigkills(
     print(report)
     assert len(report.kill_delays_s) == TRIALS
     assert report.lost_ids == []
-    assert report.processed == report.produced == 160
+    assert report.processed == report.produced == PROMPTS
 
 
 def test_every_stored_adapter_version_is_complete_and_loadable(crash_run: CrashRun) -> None:
@@ -124,6 +126,7 @@ def test_sigterm_drains_within_the_grace_period_and_commits_finished_work(
     crash_run: CrashRun,
 ) -> None:
     cfg = crash_run.cfg
+    print(f"SIGTERM to exit: {crash_run.exit_s:.1f} s (grace {cfg.daemon.grace_period_s} s)")
     assert crash_run.exit_status == 0
     assert crash_run.exit_s < cfg.daemon.grace_period_s
     # Where each prompt sits, and what reached the samples topic.
@@ -132,7 +135,7 @@ def test_sigterm_drains_within_the_grace_period_and_commits_finished_work(
         cfg.kafka, cfg.kafka.topics.prompts, lambda v, _: decode_prompt(v, 1 << 20), group_id=None
     ) as reader:
         deadline = time.monotonic() + 20
-        while len(where) < 160 + DRAIN_PROMPTS and time.monotonic() < deadline:
+        while len(where) < PROMPTS + DRAIN_PROMPTS and time.monotonic() < deadline:
             for r in reader.poll(0.5).records:
                 where[r.value.id] = (r.tp, r.offset)
     samples = sample_reader(cfg.kafka)

@@ -1,8 +1,8 @@
 """A real Prometheus on 127.0.0.1 scrapes a running raft-stream process: every dashboard
 query returns data, every alert rule loads, evaluates and reads only scraped series.
 
-The scrape target is a MetricsServer process fed with real updates (tests/metrics_feeder.py);
-``scrape_target`` is the one place to point it at the daemon instead.
+The scrape target is the real all-in-one daemon (``raft-stream run``) on the tiny model,
+against the test broker, learning from a steady stream of prompts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,17 +99,91 @@ def start_prometheus(target: str, workdir: Path, rule_files: list[Path]) -> Prom
     return Prometheus(url, process)
 
 
+def _daemon_config(
+    workdir: Path, model: Path, bootstrap: str, name: Callable[[str], str], port: int
+) -> Path:
+    config = {
+        "model": {"name_or_path": str(model), "max_model_len": 256},
+        "generation": {
+            "enforce_eager": True,
+            "max_lora_rank": 8,
+            "sampling": {"k": 4, "max_new_tokens": 16},
+        },
+        "ranking": {"min_response_tokens": 1},
+        "buffer": {"capacity": 32, "batch_size": 8},
+        "training": {"lora_r": 8, "lora_alpha": 16, "batch_size": 8, "learning_rate": 1e-3},
+        "store": {"root": str(workdir / "adapters")},
+        "kafka": {
+            "bootstrap_servers": bootstrap,
+            "topics": {
+                "prompts": name("prompts"),
+                "samples": name("samples"),
+                "adapters": name("adapters"),
+                "dead_letter": name("dead"),
+                "partitions": 1,
+            },
+            "generator_group": name("generators"),
+            "trainer_group": name("trainer"),
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 2000,
+            "poll_max_records": 8,
+        },
+        "server": {"host": "127.0.0.1", "port": port},
+        "daemon": {"state_dir": str(workdir / "state"), "grace_period_s": 20},
+    }
+    path = workdir / "daemon.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _served_version(url: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith("raft_stream_adapter_version_served "):
+            return float(line.split()[-1])
+    return 0.0
+
+
 @pytest.fixture(scope="module")
-def scrape_target() -> Iterator[str]:
-    """host:port of a running raft-stream metrics endpoint."""
-    feeder = subprocess.Popen(
-        [sys.executable, "-m", "tests.metrics_feeder"], cwd=ROOT, stdout=subprocess.PIPE, text=True
+def scrape_target(
+    kafka_broker: str,
+    unique_name: Callable[[str], str],
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """host:port of a running all-in-one daemon (tiny model, real broker, real vLLM), fed
+    a steady stream of prompts (and a few malformed messages) so every series moves."""
+    from raft_stream.config import load_config
+    from raft_stream.data.tiny_model import tiny_prompts
+    from tests.roles_support import produce_prompts, produce_raw
+
+    workdir = tmp_path_factory.mktemp("daemon")
+    port = _free_port()
+    config_path = _daemon_config(workdir, tiny_model_dir, kafka_broker, unique_name, port)
+    kafka = load_config(config_path).kafka
+    prompts = tiny_prompts("train")
+    produce_prompts(kafka, [(f"p{i}", prompts[i % len(prompts)].prompt) for i in range(3000)])
+    produce_raw(kafka, [b"not json", b'{"id": "x"}', b"\xff\xfe"])
+    log = (workdir / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "raft_stream.cli", "run", "--config", str(config_path)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
-    assert feeder.stdout is not None
-    port = feeder.stdout.readline().split()[-1]
-    yield f"127.0.0.1:{port}"
-    feeder.terminate()
-    feeder.wait(timeout=10)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        # Two adapter versions served: training, swaps and rewards per version all moved.
+        _wait(lambda: daemon.poll() is None and _served_version(url) >= 2, 420, "2 adapters")
+        yield f"127.0.0.1:{port}"
+    finally:
+        daemon.terminate()
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +195,7 @@ def prometheus(
         # rate() needs two scrapes inside its window, a new adapter version a few seconds.
         _wait(
             lambda: server.query("rate(raft_stream_adapter_swap_seconds_count[1m]) > 0"),
-            30,
+            60,
             "rates",
         )
         yield server

@@ -252,7 +252,7 @@ def _small_filesystem(path: Path, size: str) -> Iterator[Path]:
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill up: {mounted.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs (tests run as root): {mounted.stderr.strip()}")
     try:
         yield path
     finally:

@@ -201,7 +201,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
         "adapters": topics.adapters,
         "dead-letter": topics.dead_letter,
     }
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a follow ends
+    # Ctrl-C is how a follow ends; a closed pipe (`| head`) is how a reader says enough.
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
         tail(
             config.kafka,
             short.get(args.topic, args.topic),

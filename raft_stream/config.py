@@ -247,6 +247,10 @@ class StoreConfig(_Section):
     keep_last: int = Field(5, ge=1)
     """Versions kept; older ones are deleted after a new one is stored."""
 
+    pinned_version: int | None = Field(None, ge=1)
+    """Generators serve this stored version instead of the newest (rollback); None follows
+    the newest. The trainer keeps training; unpin to serve its newer versions again."""
+
 
 class OfflineConfig(_Section):
     prompts: Path | None = None

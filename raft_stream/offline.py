@@ -21,8 +21,7 @@ from raft_stream.generation.base import Generator, SamplingParams, build_generat
 from raft_stream.plotting import plot_learning_curve
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
-from raft_stream.rewards.base import build_reward
-from raft_stream.rewards.safe import SafeReward
+from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.textstats import distinct_n
 from raft_stream.training.lora_trainer import LoRATrainer
 from raft_stream.training.store import AdapterStore
@@ -160,9 +159,7 @@ def run_offline(
     owns_generator = generator is None
     if generator is None:
         generator = build_generator(model_path, cfg.model, cfg.generation)
-    sampler = RaftSampler(
-        generator, SafeReward(build_reward(cfg.reward), cfg.reward.timeout_s), cfg.ranking, sampling
-    )
+    sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, sampling)
     eval_sampler = RaftSampler(
         generator,
         sampler.reward,

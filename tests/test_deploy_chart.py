@@ -196,9 +196,6 @@ def test_split_mode_requires_bootstrap_servers() -> None:
         render({"kafka": {"bootstrapServers": ""}})
 
 
-@pytest.mark.xfail(
-    strict=True, reason="proposed config key store.pinned_version is not in RaftConfig yet"
-)
 def test_pinned_adapter_version_loads(tmp_path: Path) -> None:
     rendered = render({"adapters": {"pinnedVersion": 7}})
     (configmap,) = [
@@ -206,7 +203,7 @@ def test_pinned_adapter_version_loads(tmp_path: Path) -> None:
     ]
     path = tmp_path / "config.yaml"
     path.write_text(configmap["data"]["config.yaml"])
-    assert load_config(path).store.pinned_version == 7  # type: ignore[attr-defined]
+    assert load_config(path).store.pinned_version == 7
 
 
 def test_notes_tell_how_to_feed_prompts_and_open_the_dashboard() -> None:

@@ -20,8 +20,7 @@ from raft_stream.generation.base import Generator, SamplingParams
 from raft_stream.offline import evaluate, run_offline
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
-from raft_stream.rewards.base import build_reward
-from raft_stream.rewards.safe import SafeReward
+from raft_stream.rewards.registry import build_safe_reward
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -62,7 +61,7 @@ def base_reward_noise(cfg: RaftConfig, generator: Generator, model_dir: Path) ->
     """Mean held-out reward of the base model under several sampling seeds."""
     formatter = PromptFormatter.from_model(str(model_dir), cfg.model)
     prompts = [formatter.format(p) for p in tiny_prompts("eval")]
-    reward = SafeReward(build_reward(cfg.reward), cfg.reward.timeout_s)
+    reward = build_safe_reward(cfg.reward)
     means = []
     for seed in NOISE_SEEDS:
         params = SamplingParams(n=cfg.offline.eval_k, max_new_tokens=24, seed=seed)

@@ -29,7 +29,7 @@ from raft_stream.roles.adapters import announcement_of
 from raft_stream.roles.health import BrokerProbe
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import StreamProducer, ensure_topics
-from raft_stream.training.store import folder_sha256
+from raft_stream.training.store import AdapterStore, folder_sha256
 from raft_stream.types import AdapterVersion, Sample
 from tests import role_rewards
 from tests.roles_support import (
@@ -426,3 +426,36 @@ def test_a_corrupt_or_missing_adapter_is_refused_and_the_served_one_keeps_servin
         announce_all(announcement(5, tiny_lora_adapters[2].path))
         wait_for(lambda: roles.generator.served_version == 5, 30, "a good version after bad ones")
         assert roles.alive()
+
+
+def test_a_pinned_version_is_served_and_newer_announcements_wait(
+    kafka_config: MakeConfig,
+    vllm_generator: VLLMGenerator,
+    tiny_model_dir: Path,
+    tiny_lora_adapters: list[AdapterVersion],
+    tmp_path: Path,
+) -> None:
+    store = AdapterStore(tmp_path / "adapters", base_model=str(tiny_model_dir))
+    for adapter in tiny_lora_adapters[:2]:
+        store.write(
+            lambda folder, a=adapter: shutil.copytree(a.path, folder, dirs_exist_ok=True), {}
+        )
+    cfg = role_config(
+        kafka_config(),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{"store.root": str(store.root), "store.pinned_version": 1},
+    )
+    ensure_topics(cfg.kafka, [cfg.kafka.topics.adapters])
+    with StreamProducer(cfg.kafka) as producer:  # the rollback target is not the newest
+        producer.send_and_wait(
+            cfg.kafka.topics.adapters, [(None, announcement_of(store.get(2)))], 10
+        )
+    with running_roles(cfg, vllm_generator, tiny_model_dir, trainer=False) as roles:
+        wait_for(lambda: roles.generator.ready, 60, "generator ready")
+        samples = sample_reader(cfg.kafka)
+        produce_prompts(cfg.kafka, [(f"pinned-{i}", "the movie was") for i in range(4)])
+        got = samples.read_until(lambda s: len(prompt_ids(s)) == 4, 60, "samples")
+        samples.close()
+        assert {s.adapter_version for s in got} == {1}
+        assert roles.generator.served_version == 1

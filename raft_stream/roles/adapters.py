@@ -19,7 +19,7 @@ from raft_stream.config import KafkaConfig
 from raft_stream.errors import AdapterError
 from raft_stream.stream.kafka import StreamProducer, adapter_reader
 from raft_stream.stream.schema import AdapterAnnouncement, encode_adapter
-from raft_stream.training.store import folder_sha256
+from raft_stream.training.store import AdapterStore, folder_sha256
 from raft_stream.types import AdapterVersion
 
 __all__ = ["FETCHERS", "AdapterFetchError", "AdapterWatcher", "announcement_of", "fetch_adapter"]
@@ -86,6 +86,19 @@ def fetch_adapter(announcement: AdapterAnnouncement) -> AdapterVersion:
 def announcement_of(adapter: AdapterVersion) -> dict[str, object]:
     """The adapters-topic message for a stored version (uri = its absolute file:// URI)."""
     return encode_adapter(adapter, adapter.path.resolve().as_uri())
+
+
+def stored_announcement(store_root: Path, version: int) -> AdapterAnnouncement:
+    """The announcement of a version already in a store (a pinned rollback target)."""
+    adapter = AdapterStore(store_root, base_model="", readonly=True).get(version)
+    return AdapterAnnouncement(
+        version=adapter.version,
+        sha256=adapter.sha256,
+        uri=adapter.path.resolve().as_uri(),
+        base_model=adapter.base_model,
+        created_at=adapter.created_at,
+        metrics=dict(adapter.metrics),
+    )
 
 
 def announce(

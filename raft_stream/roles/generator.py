@@ -31,7 +31,12 @@ from raft_stream.raft import RaftSampler, ScoredBatch
 from raft_stream.ranking import Selection
 from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.rewards.safe import SafeReward
-from raft_stream.roles.adapters import AdapterFetchError, AdapterWatcher, fetch_adapter
+from raft_stream.roles.adapters import (
+    AdapterFetchError,
+    AdapterWatcher,
+    fetch_adapter,
+    stored_announcement,
+)
 from raft_stream.roles.delivery import StreamClients, commit_quietly, open_clients, until_delivered
 from raft_stream.roles.lifecycle import Shutdown, noop
 from raft_stream.stream.kafka import PollBatch, PromptConsumer
@@ -125,9 +130,14 @@ class GeneratorRole:
         watcher = AdapterWatcher(self.cfg.kafka)
         try:
             self.metrics.set_served_version(self.served_version)
-            newest = watcher.catch_up(timeout_s=2.0)
-            if newest is not None:
-                self._switch(newest)
+            pinned = self.cfg.store.pinned_version
+            start_on = (
+                stored_announcement(self.cfg.store.root, pinned)
+                if pinned is not None
+                else watcher.catch_up(timeout_s=2.0)
+            )
+            if start_on is not None:
+                self._switch(start_on)
             self.ready = True
             log.info("generator serving", extra={"adapter_version": self.served_version})
             while not self.shutdown.requested:
@@ -241,6 +251,8 @@ class GeneratorRole:
     # -- adapters --------------------------------------------------------------------------
 
     def _check_adapters(self, watcher: AdapterWatcher) -> None:
+        if self.cfg.store.pinned_version is not None:
+            return  # rolled back: newer announcements wait until the pin is lifted
         now = time.monotonic()
         if now < self._next_adapter_check:
             return

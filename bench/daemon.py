@@ -1,0 +1,255 @@
+"""The streaming daemon against its plain alternatives, on the same model and prompts.
+
+1. raw vLLM: the same engine settings sampling the prompts in the daemon's batch size;
+2. serial RAFT: generate a batch, then (when a streaming batch fills) train before the
+   next batch — what a loop without background training does;
+3. the all-in-one daemon (``raft-stream run``) against the embedded broker: from the first
+   prompt produced to the last prompt's samples on the samples topic.
+
+Reports samples/s and tokens/s of each, the daemon/raw ratio, streaming/serial wall time,
+and adapter swap latency (stored → first sample generated on it).
+
+    python bench/daemon.py                 # tiny model, 256 prompts, K=4
+    python bench/daemon.py --model demo --prompts 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from raft_stream.buffer import RewardBuffer
+from raft_stream.config import RaftConfig, load_config
+from raft_stream.data.models import resolve_model
+from raft_stream.data.tiny_model import tiny_prompts
+from raft_stream.generation.base import SamplingParams
+from raft_stream.generation.vllm_backend import VLLMGenerator
+from raft_stream.prompting import PromptFormatter
+from raft_stream.raft import RaftSampler
+from raft_stream.rewards.registry import build_safe_reward
+from raft_stream.stream.broker import EmbeddedBroker
+from raft_stream.stream.kafka import JsonConsumer, ensure_topics
+from raft_stream.stream.tools import produce_file
+from raft_stream.training.lora_trainer import LoRATrainer
+from raft_stream.training.store import AdapterStore
+from raft_stream.types import PromptRecord
+
+
+def bench_config(model: str, bootstrap: str, workdir: Path, port: int) -> RaftConfig:
+    return load_config(
+        overrides={
+            "model.name_or_path": model,
+            "model.max_model_len": 256,
+            "generation.max_lora_rank": 8,
+            "generation.sampling.k": 4,
+            "generation.sampling.max_new_tokens": 24,
+            "ranking.min_response_tokens": 1,
+            "buffer.capacity": 64,
+            "buffer.batch_size": 32,
+            "training.lora_r": 8,
+            "training.lora_alpha": 16,
+            "training.batch_size": 16,
+            "kafka.bootstrap_servers": bootstrap,
+            "kafka.poll_max_records": 16,
+            "kafka.publish_rejected": True,
+            "kafka.topics.partitions": 1,
+            "store.root": str(workdir / "adapters"),
+            "daemon.state_dir": str(workdir / "state"),
+            "server.host": "127.0.0.1",
+            "server.port": port,
+        }
+    )
+
+
+def batches(prompts: list[PromptRecord], size: int) -> list[list[PromptRecord]]:
+    return [prompts[i : i + size] for i in range(0, len(prompts), size)]
+
+
+def run_raw_and_serial(
+    cfg: RaftConfig, model_path: str, prompts: list[PromptRecord], workdir: Path
+) -> dict[str, Any]:
+    """Raw vLLM and the serial generate-then-train loop, on one engine."""
+    generator = VLLMGenerator(model_path, cfg.model, cfg.generation)
+    try:
+        params = SamplingParams.from_config(cfg.generation.sampling)
+        size = cfg.kafka.poll_max_records
+        started = time.perf_counter()
+        tokens = samples = 0
+        for batch in batches(prompts, size):
+            outputs = generator.generate([p.text for p in batch], params)
+            tokens += sum(c.num_tokens for row in outputs for c in row)
+            samples += sum(len(row) for row in outputs)
+        raw_s = time.perf_counter() - started
+
+        sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, params)
+        trainer = LoRATrainer(model_path, cfg.training)
+        store = AdapterStore(workdir / "serial-adapters", base_model=model_path)
+        buffer = RewardBuffer(cfg.buffer.capacity, cfg.buffer.batch_size)
+        adapter = None
+        started = time.perf_counter()
+        for batch in batches(prompts, size):
+            buffer.add(sampler.run(batch, adapter).selection.kept)
+            if buffer.batch_ready():
+                trained = buffer.peek_batch()
+                trainer.train(trained)
+                adapter = store.write(trainer.save, {})
+                buffer.remove(trained)
+        serial_s = time.perf_counter() - started
+    finally:
+        generator.close()
+    return {
+        "raw_s": raw_s,
+        "raw_tokens": tokens,
+        "raw_samples": samples,
+        "serial_s": serial_s,
+        "serial_versions": adapter.version if adapter else 0,
+    }
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def run_daemon(
+    cfg: RaftConfig, prompts_file: Path, n_prompts: int, workdir: Path
+) -> dict[str, Any]:
+    config_path = workdir / "daemon.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    kafka = cfg.kafka
+    ensure_topics(kafka, [kafka.topics.prompts, kafka.topics.samples, kafka.topics.adapters])
+    log = (workdir / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "raft_stream.cli", "run", "--config", str(config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{cfg.server.port}"
+    try:
+        deadline = time.monotonic() + 600
+        while not _ready(url):
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not get ready; see {workdir}/daemon.log")
+            time.sleep(0.5)
+        started = time.time()
+        produce_file(kafka, prompts_file)
+        seen: set[str] = set()
+        first_on: dict[int, float] = {}
+        tokens = samples = 0
+        with JsonConsumer(
+            kafka, kafka.topics.samples, lambda v, _w: json.loads(v), group_id=None
+        ) as consumer:
+            while len(seen) < n_prompts:
+                if time.time() - started > 1800:
+                    raise RuntimeError("the daemon did not finish the prompts in 30 minutes")
+                for record in consumer.poll(1.0).records:
+                    sample = record.value
+                    seen.add(sample["prompt_id"])
+                    tokens += sample["response_tokens"]
+                    samples += 1
+                    version = sample["adapter_version"]
+                    first_on.setdefault(version, sample["created_at"])
+        wall = time.time() - started
+        with JsonConsumer(
+            kafka, kafka.topics.adapters, lambda v, _w: json.loads(v), group_id=None
+        ) as consumer:
+            announced = {
+                a.value["version"]: a.value["created_at"] for a in consumer.poll(5.0).records
+            }
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=120)
+        log.close()
+    swaps = [first_on[v] - created for v, created in announced.items() if v in first_on]
+    return {
+        "daemon_s": wall,
+        "daemon_tokens": tokens,
+        "daemon_samples": samples,
+        "daemon_versions": max(first_on, default=0),
+        "swap_latency_s": swaps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/daemon.json"))
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench-daemon"))
+    args = parser.parse_args()
+    console = Console()
+    workdir = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_model(args.model)
+    with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
+        cfg = bench_config(model_path, broker.bootstrap, workdir, port=9477)
+        formatter = PromptFormatter.from_model(model_path, cfg.model)
+        pool = tiny_prompts("train")
+        records = [
+            formatter.format(PromptRecord(id=f"b{i}", prompt=pool[i % len(pool)].prompt))
+            for i in range(args.prompts)
+        ]
+        prompts_file = workdir / "prompts.jsonl"
+        prompts_file.write_text(
+            "".join(json.dumps({"id": r.id, "prompt": r.prompt}) + "\n" for r in records)
+        )
+        console.print("raw vLLM and serial RAFT ...")
+        plain = run_raw_and_serial(cfg, model_path, records, workdir)
+        console.print("all-in-one daemon ...")
+        streaming = run_daemon(cfg, prompts_file, args.prompts, workdir)
+    result = {"model": args.model, "prompts": args.prompts, "k": 4, **plain, **streaming}
+    raw_tps = plain["raw_tokens"] / plain["raw_s"]
+    daemon_tps = streaming["daemon_tokens"] / streaming["daemon_s"]
+    result |= {
+        "raw_tokens_per_s": raw_tps,
+        "daemon_tokens_per_s": daemon_tps,
+        "daemon_over_raw": daemon_tps / raw_tps,
+        "streaming_over_serial_wall": streaming["daemon_s"] / plain["serial_s"],
+    }
+    table = Table(title=f"daemon vs plain alternatives ({args.model}, {args.prompts} prompts, K=4)")
+    for column in ("run", "wall s", "samples/s", "tokens/s", "adapter versions"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        "raw vLLM",
+        f"{plain['raw_s']:.1f}",
+        f"{plain['raw_samples'] / plain['raw_s']:.1f}",
+        f"{raw_tps:.0f}",
+        "-",
+    )
+    table.add_row("serial RAFT", f"{plain['serial_s']:.1f}", "", "", str(plain["serial_versions"]))
+    table.add_row(
+        "daemon (streaming)",
+        f"{streaming['daemon_s']:.1f}",
+        f"{streaming['daemon_samples'] / streaming['daemon_s']:.1f}",
+        f"{daemon_tps:.0f}",
+        str(streaming["daemon_versions"]),
+    )
+    console.print(table)
+    swaps = streaming["swap_latency_s"]
+    console.print(
+        f"daemon/raw tokens/s: {result['daemon_over_raw']:.2f}   "
+        f"streaming/serial wall: {result['streaming_over_serial_wall']:.2f}   "
+        f"swap latency median: {statistics.median(swaps) if swaps else float('nan'):.2f} s "
+        f"({len(swaps)} swaps)"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,7 @@ import yaml
 
 from raft_stream.config import KafkaConfig, RaftConfig, TopicsConfig, load_config
 from raft_stream.data.tiny_model import ensure_tiny_model, tiny_prompts
+from raft_stream.roles.adapters import adapter_store_root
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import JsonConsumer, StreamProducer, ensure_topics
 from raft_stream.stream.schema import decode_sample
@@ -310,7 +311,7 @@ def run_trials(
 def verify_stored_versions(report: CrashReport, cfg: RaftConfig) -> None:
     """Fill in the adapter counts; call once the daemon stopped (it prunes old versions)."""
     report.versions_stored, report.versions_verified = verify_versions(
-        Path(cfg.daemon.state_dir) / "adapters", Path(cfg.model.name_or_path)
+        adapter_store_root(cfg), Path(cfg.model.name_or_path)
     )
 
 

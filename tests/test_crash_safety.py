@@ -26,6 +26,7 @@ from bench.crash_trials import (
     verify_stored_versions,
 )
 from raft_stream.config import KafkaConfig, RaftConfig, TopicsConfig
+from raft_stream.roles.adapters import adapter_store_root
 from raft_stream.stream.kafka import JsonConsumer, PromptConsumer, TopicPartition
 from raft_stream.stream.schema import decode_prompt
 from tests.roles_support import committed_offsets, prompt_ids, sample_reader
@@ -115,7 +116,7 @@ def test_every_stored_adapter_version_is_complete_and_loadable(crash_run: CrashR
     assert report.versions_verified == report.versions_stored
     # A kill in the middle of a store write leaves a temporary folder; the next start
     # removes it, so after the last run none is left.
-    assert not list((Path(crash_run.cfg.daemon.state_dir) / "adapters").glob(".tmp-*"))
+    assert not list(adapter_store_root(crash_run.cfg).glob(".tmp-*"))
 
 
 def test_probes_answer_while_the_daemon_serves(crash_run: CrashRun) -> None:

@@ -1,7 +1,7 @@
 """OpenAIGenerator against a real ``vllm serve`` (vLLM's OpenAI server) on the tiny model.
 
-Opt-in: it starts a second vLLM engine, about 2.5 minutes on 2 cores (ready in ~90 s, the
-first request ~50 s more). Run with ``RAFT_STREAM_TEST_VLLM_SERVE=1``.
+It starts a second vLLM engine, about 2.5 minutes on 2 cores (ready in ~90 s, the first
+request ~50 s more): the price of checking the black-box path against the real server.
 """
 
 from __future__ import annotations
@@ -26,10 +26,6 @@ from raft_stream.types import AdapterVersion
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.slow,
-    pytest.mark.skipif(
-        os.environ.get("RAFT_STREAM_TEST_VLLM_SERVE") != "1",
-        reason="starts a second vLLM engine (~2.5 min); set RAFT_STREAM_TEST_VLLM_SERVE=1",
-    ),
 ]
 
 PROMPTS = ["the movie was", "honestly, the soundtrack was", "i thought the plot was"]

@@ -56,8 +56,9 @@ MakeConfig = Callable[..., KafkaConfig]
 WAVE = 32
 """Prompts produced at a time: one streaming batch of kept samples (best of K each)."""
 LAST_VERSION = 6
-"""Rounds to watch: measured on the tiny model with these settings, the mean reward went
-from 0.14 (base) to 0.24 at v3 and 0.42 at v7 (transformers backend, one run)."""
+"""Rounds to watch. Measured with these settings (vLLM, tiny model, VADER), mean reward by
+version v0..v6: 0.11, 0.12, 0.19, 0.22, 0.30, 0.30, 0.28 in one run; 0.08, 0.14, 0.22,
+0.21, 0.15, 0.28, 0.25 in another (rank correlation 0.86 and 0.82)."""
 MAX_WAVES = 40
 
 
@@ -102,9 +103,25 @@ def test_prompts_come_back_as_samples_and_reward_rises_with_each_adapter_version
     assert versions[0] == 0 and versions[-1] >= LAST_VERSION, f"versions served: {versions}"
     assert roles.generator.served_version >= LAST_VERSION
     means = [by_version[v][0] for v in versions]
-    half = len(means) // 2
-    assert statistics.fmean(means[half:]) > statistics.fmean(means[:half]) + 0.05, by_version
-    assert means[-1] > means[0] + 0.15, by_version
+    # Rises: the means go up with the version (rank correlation; one round may dip), and
+    # the last two versions together beat the base model clearly.
+    assert _spearman(versions, means) >= 0.5, by_version
+    last_two = [
+        s.reward for s in samples if s.adapter_version in versions[-2:] and s.reward is not None
+    ]
+    assert statistics.fmean(last_two) > by_version[0][0] + 0.1, by_version
+
+
+def _spearman(xs: list[int], ys: list[float]) -> float:
+    """Spearman's rank correlation of two sequences without ties."""
+
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        return [order.index(i) for i in range(len(values))]
+
+    rx, ry = ranks([float(x) for x in xs]), ranks(ys)
+    n = len(xs)
+    return 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry, strict=True)) / (n * (n * n - 1))
 
 
 # -- bad input -------------------------------------------------------------------------------

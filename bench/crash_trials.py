@@ -117,11 +117,11 @@ class DaemonProcess:
             text = handle.read().decode(errors="replace")
         lines = []
         for line in text.splitlines():
-            if line.startswith("{"):
-                try:
-                    lines.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+            # Other writers (vLLM's engine process, progress bars) may share the line.
+            start = line.find('{"ts"')
+            if start >= 0:
+                with contextlib.suppress(json.JSONDecodeError):
+                    lines.append(json.loads(line[start:]))
         return lines
 
     def wait_for_log(self, msg: str, timeout_s: float) -> dict[str, Any]:

@@ -241,8 +241,10 @@ class TrainingConfig(_Section):
 
 
 class StoreConfig(_Section):
-    root: Path = Path("runs/default/adapters")
-    """Folder of immutable adapter versions (v000001, ...) and the ``latest`` pointer."""
+    root: Path | None = None
+    """Folder of immutable adapter versions (v000001, ...) and the ``latest`` pointer; the
+    trainer writes it, generators read it (a shared volume when they run apart). None:
+    ``daemon.state_dir/adapters`` (offline runs use ``offline.output_dir/adapters``)."""
 
     keep_last: int = Field(5, ge=1)
     """Versions kept; older ones are deleted after a new one is stored."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ import pytest
 
 from raft_stream.config import load_config
 from raft_stream.roles.adapters import AdapterFetchError, adapter_store_root, fetch_adapter
-from raft_stream.roles.lifecycle import Backoff, Heartbeats, Shutdown
+from raft_stream.roles.lifecycle import EXIT_GRACE_EXPIRED, Backoff, Heartbeats, Shutdown
 from raft_stream.roles.logs import JsonFormatter
 from raft_stream.stream.schema import AdapterAnnouncement
 from raft_stream.training.store import folder_sha256
@@ -106,3 +107,22 @@ def test_adapters_live_under_the_state_dir_unless_store_root_is_set(tmp_path: Pa
     assert adapter_store_root(load_config(overrides=state)) == tmp_path / "state" / "adapters"
     shared = load_config(overrides={**state, "store.root": str(tmp_path / "shared")})
     assert adapter_store_root(shared) == tmp_path / "shared"  # the split mode's shared volume
+
+
+def test_the_exit_watchdog_ends_a_drain_that_overruns_the_grace_period() -> None:
+    # In a child process: the watchdog exits the process it runs in.
+    code = (
+        "import time\n"
+        "from raft_stream.roles.lifecycle import Shutdown, start_exit_watchdog\n"
+        "shutdown = Shutdown(grace_period_s=1.5)\n"
+        "start_exit_watchdog(shutdown, margin_s=0.5)\n"
+        "time.sleep(0.5)  # the watchdog waits for the request without a timeout\n"
+        "print(time.monotonic(), flush=True)\n"
+        "shutdown.request('SIGTERM')\n"
+        "time.sleep(30)  # a drain that never ends\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    exited = time.monotonic()  # the same clock as the child's on Linux
+    assert done.returncode == EXIT_GRACE_EXPIRED, done.stderr
+    assert exited - float(done.stdout) < 1.5 + 1.0  # within the grace period, plus exit
+    assert "Traceback" not in done.stderr

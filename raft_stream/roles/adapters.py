@@ -97,12 +97,12 @@ def announcement_of(adapter: AdapterVersion) -> dict[str, object]:
 
 
 def adapter_store_root(cfg: RaftConfig) -> Path:
-    """Where the daemon roles keep adapter versions: ``store.root`` when the config sets it
-    (e.g. the shared volume of a split deployment), else ``daemon.state_dir/adapters``.
+    """Where the daemon roles keep adapter versions: ``store.root`` when set (e.g. the
+    shared volume of a split deployment), else ``daemon.state_dir/adapters``.
 
     The trainer writes there and a pinned generator reads there, so both must ask here.
     """
-    if "root" in cfg.store.model_fields_set:
+    if cfg.store.root is not None:
         return Path(cfg.store.root)
     return Path(cfg.daemon.state_dir) / "adapters"
 

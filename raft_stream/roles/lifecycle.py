@@ -56,9 +56,10 @@ class Shutdown:
             self._event.set()
         log.info("shutting down", extra={"reason": reason, "grace_period_s": self.grace_period_s})
 
-    def wait(self, timeout_s: float) -> bool:
-        """Sleep up to ``timeout_s`` unless shutdown is requested; True when it was."""
-        return self._event.wait(max(0.0, timeout_s))
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Sleep up to ``timeout_s`` (None: until then) unless shutdown is requested; True
+        when it was."""
+        return self._event.wait(None if timeout_s is None else max(0.0, timeout_s))
 
     def remaining_s(self) -> float:
         """Seconds left of the grace period; infinity before shutdown is requested."""
@@ -86,7 +87,7 @@ def start_exit_watchdog(shutdown: Shutdown, margin_s: float = 1.0) -> threading.
     """
 
     def watch() -> None:
-        shutdown.wait(math.inf)
+        shutdown.wait()
         time.sleep(max(0.0, shutdown.remaining_s() - margin_s))
         log.error(
             "the drain overran the grace period; exiting now (uncommitted work is redone)",

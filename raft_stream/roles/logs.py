@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,5 +58,18 @@ def configure_json_logging(level: str | int = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # An exception that ends a thread is a log line too, not a bare traceback on stderr.
+    threading.excepthook = _log_thread_exception
     # Per-request chatter of the Kafka client drowns the service's own lines.
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("raft_stream").critical(
+        "uncaught exception ended a thread",
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+        extra={"thread_name": thread},
+    )

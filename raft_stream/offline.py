@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import logging
 import statistics
 import time
@@ -228,6 +229,16 @@ def run_offline(
             generator.close()
     report.wall_s = time.perf_counter() - started
     write_metrics_csv(report.iterations, out / "metrics.csv")
+    evaluations = {
+        "before": report.eval_before,
+        "after": report.eval_after,
+        "wall_s": report.wall_s,
+    }
+    (out / "eval.json").write_text(
+        json.dumps(
+            {k: asdict(v) if isinstance(v, EvalResult) else v for k, v in evaluations.items()}
+        )
+    )
     if report.iterations:
         plot_learning_curve(report, out / "learning_curve.png")
     console.print(summary_table(report))

@@ -8,6 +8,7 @@ sampling, without collapsing diversity.
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def test_offline_raft_raises_held_out_reward_beyond_seed_noise(
     assert gain > margin, f"gain {gain:.3f} <= margin {margin:.3f} (base means {noise})"
     assert report.eval_after.distinct_2 >= 0.5 * report.eval_before.distinct_2
     assert report.eval_after.adapter_version == len(report.iterations) == 5
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["after"]["reward_mean"] == pytest.approx(report.eval_after.reward_mean)
 
 
 def test_offline_raft_writes_metrics_csv_and_learning_curve(
@@ -100,5 +103,8 @@ def test_offline_raft_writes_metrics_csv_and_learning_curve(
         rows[0]
     )
     assert all(float(r["kept_ratio"]) == pytest.approx(1 / 8) for r in rows)
+    evaluations = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluations["before"] is None and evaluations["after"] is None  # no eval prompts
+    assert evaluations["wall_s"] > 0
     png = (tmp_path / "learning_curve.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

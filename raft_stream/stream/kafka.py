@@ -200,7 +200,25 @@ class _KeepPausedOnAssign(ConsumerRebalanceListener):
             self._owner.pause()
 
 
-class JsonConsumer(Generic[T]):
+class _ClosedOnExit:
+    """``with client:`` closes the client on the way out, however the block ends."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class JsonConsumer(_ClosedOnExit, Generic[T]):
     """Reads one topic and decodes each record; bad records come back as dead letters.
 
     ``decode(value, where)`` gets the record's bytes (b"" for a null record) and
@@ -334,17 +352,6 @@ class JsonConsumer(Generic[T]):
         """Leave the group (its partitions go to other members) without committing."""
         self._consumer.close(autocommit=False)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 class PromptConsumer(JsonConsumer[PromptRecord]):
     """The generators' consumer of the prompts topic, in group ``cfg.generator_group``.
@@ -427,7 +434,7 @@ def _key_bytes(key: Key) -> bytes | None:
     return key.encode() if isinstance(key, str) else key
 
 
-class StreamProducer:
+class StreamProducer(_ClosedOnExit):
     """Producer with acks from all in-sync replicas and a bounded delivery time.
 
     A record not acknowledged within ``delivery_timeout_s`` fails its future (it may
@@ -491,17 +498,6 @@ class StreamProducer:
     def close(self, timeout_s: float = 10.0) -> None:
         """Flush for up to ``timeout_s``, then close."""
         self._producer.close(timeout=timeout_s)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class DeadLetterWriter:

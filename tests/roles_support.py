@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -251,3 +252,23 @@ def running_roles(
         shutdown.request("test over")
         for thread in threads:
             thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+
+
+def reward_trend(samples: Iterable[Sample]) -> tuple[float, float]:
+    """(slope, t): least squares of reward on adapter version, and the slope's t statistic.
+
+    The unit is one prompt answered by one version (the mean of its K samples): the K
+    answers to one prompt are not independent, so counting them singly would overstate t.
+    """
+    groups: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for sample in samples:
+        if sample.reward is not None:
+            groups[(sample.adapter_version, sample.prompt_id)].append(sample.reward)
+    xs = [float(version) for version, _ in groups]
+    ys = [statistics.fmean(rewards) for rewards in groups.values()]
+    slope, intercept = statistics.linear_regression(xs, ys)
+    residuals = [y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)]
+    x_mean = statistics.fmean(xs)
+    sxx = sum((x - x_mean) ** 2 for x in xs)
+    standard_error = math.sqrt(sum(r * r for r in residuals) / (len(xs) - 2) / sxx)
+    return slope, slope / standard_error

@@ -40,6 +40,7 @@ from tests.roles_support import (
     produce_prompts,
     produce_raw,
     prompt_ids,
+    reward_trend,
     role_config,
     running_roles,
     sample_reader,
@@ -57,8 +58,8 @@ WAVE = 32
 """Prompts produced at a time: one streaming batch of kept samples (best of K each)."""
 LAST_VERSION = 6
 """Rounds to watch. Measured with these settings (vLLM, tiny model, VADER), mean reward by
-version v0..v6: 0.11, 0.12, 0.19, 0.22, 0.30, 0.30, 0.28 in one run; 0.08, 0.14, 0.22,
-0.21, 0.15, 0.28, 0.25 in another (rank correlation 0.86 and 0.82)."""
+version v0..v6: 0.06, 0.30, 0.23, 0.40, 0.38, 0.37, 0.48 in one run; 0.03, 0.26, 0.21,
+0.36, 0.39, 0.42, 0.41 in another (slope 0.068 a version, t 10.5 and 8.7)."""
 MAX_WAVES = 40
 
 
@@ -72,8 +73,13 @@ def test_prompts_come_back_as_samples_and_reward_rises_with_each_adapter_version
         kafka_config(),
         tmp_path / "state",
         tiny_model_dir,
-        # Every sample, kept or not, so the per-version means are of the policy itself.
-        **{"kafka.publish_rejected": True},
+        **{
+            # Every sample, kept or not, so the per-version means are of the policy itself.
+            "kafka.publish_rejected": True,
+            # 16 steps a round: with 8, one CI run's rounds learned too little to tell apart
+            # from sampling noise (trend t ~2.5); with 16, t was 8.7 and 10.5 in two runs.
+            "training.epochs": 4,
+        },
     )
     prompts = itertools.cycle(p.prompt for p in tiny_prompts("train"))
     produced: set[str] = set()
@@ -97,31 +103,22 @@ def test_prompts_come_back_as_samples_and_reward_rises_with_each_adapter_version
     print(
         "mean reward, samples by version:",
         {v: (round(m, 3), n) for v, (m, n) in by_version.items()},
+        "slope and its t:",
+        reward_trend(samples),
     )
     assert produced <= prompt_ids(samples)
     versions = sorted(by_version)
     assert versions[0] == 0 and versions[-1] >= LAST_VERSION, f"versions served: {versions}"
     assert roles.generator.served_version >= LAST_VERSION
-    means = [by_version[v][0] for v in versions]
-    # Rises: the means go up with the version (rank correlation; one round may dip), and
-    # the last two versions together beat the base model clearly.
-    assert _spearman(versions, means) >= 0.5, by_version
+    # Rises: reward grows with the version, by a trend far beyond sampling noise (one round
+    # may dip; the per-version means of 32 prompts each are too noisy to demand every step),
+    # and the last two versions together beat the base model clearly.
+    slope, t = reward_trend(samples)
+    assert slope > 0 and t >= 4, (slope, t, by_version)
     last_two = [
         s.reward for s in samples if s.adapter_version in versions[-2:] and s.reward is not None
     ]
-    assert statistics.fmean(last_two) > by_version[0][0] + 0.1, by_version
-
-
-def _spearman(xs: list[int], ys: list[float]) -> float:
-    """Spearman's rank correlation of two sequences without ties."""
-
-    def ranks(values: list[float]) -> list[int]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        return [order.index(i) for i in range(len(values))]
-
-    rx, ry = ranks([float(x) for x in xs]), ranks(ys)
-    n = len(xs)
-    return 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry, strict=True)) / (n * (n * n - 1))
+    assert statistics.fmean(last_two) > by_version[0][0] + 0.15, by_version
 
 
 # -- bad input -------------------------------------------------------------------------------

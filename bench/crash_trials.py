@@ -3,11 +3,12 @@ and count what survived.
 
 Each trial starts ``raft-stream run`` (tiny model, vLLM backend) against a broker that
 outlives it, waits until it publishes samples, lets it work for a random 0..max_delay_s,
-then kills its whole process group with SIGKILL (as a node failure would). A last run
-finishes the backlog. Then it counts: prompts produced, prompts processed at least once
-(their samples are on the samples topic), prompts processed more than once (duplicates,
-allowed by at-least-once), prompts lost (must be 0), and adapter versions verified (every
-stored version's checksum matches and peft loads it).
+then SIGKILLs the daemon process (as the OOM killer would; its engine processes must
+follow it on their own). A last run finishes the backlog. Then it counts: prompts produced,
+prompts processed at least once (their samples are on the samples topic), prompts processed
+more than once (duplicates, allowed by at-least-once), prompts lost (must be 0), engine
+processes that outlived their daemon by 10 s (orphans, must be 0), and adapter versions
+verified (every stored version's checksum matches and peft loads it).
 
     python bench/crash_trials.py --trials 100             # the full run (hours on 2 cores)
     python bench/crash_trials.py --trials 5 --prompts 240 # a quick check
@@ -144,6 +145,19 @@ class DaemonProcess:
         assert self.process is not None
         self.process.wait()
 
+    def kill_daemon_only(self, orphan_timeout_s: float = 10.0) -> int:
+        """SIGKILL the daemon process alone, as the OOM killer would; returns how many of
+        its engine processes were still alive ``orphan_timeout_s`` later (then kills them)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        deadline = time.monotonic() + orphan_timeout_s
+        while (left := live_group_members(self.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        return len(left)
+
     def terminate(self, timeout_s: float) -> tuple[int, float]:
         """SIGTERM the daemon (as Kubernetes does); (exit status, seconds to exit)."""
         assert self.process is not None
@@ -166,6 +180,18 @@ class DaemonProcess:
                 os.killpg(self.pid, signal.SIGKILL)
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # pid (comm) state ppid pgrp ...; comm may hold spaces, so split after ")".
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            if int(pgrp) == pgid and state != "Z":
+                members.append(int(stat.parent.name))
+    return members
+
+
 @dataclass
 class CrashReport:
     """What the trials did and what survived them."""
@@ -176,6 +202,7 @@ class CrashReport:
     duplicates: int = 0
     lost: int = 0
     lost_ids: list[str] = field(default_factory=list)
+    orphans: int = 0
     versions_stored: int = 0
     versions_verified: int = 0
     kill_delays_s: list[float] = field(default_factory=list)
@@ -291,7 +318,7 @@ def run_trials(
             delay = rng.uniform(0, max_kill_delay_s)
             report.kill_delays_s.append(round(delay, 2))
             time.sleep(delay)
-            daemon.kill()
+            report.orphans += daemon.kill_daemon_only()
             print(f"trial {trial + 1}/{trials}: killed {delay:.1f} s into its work", flush=True)
         counter.read_to_end(set(ids), timeout_s=300)
     except BaseException:
@@ -370,7 +397,8 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("lost_ids",)}, indent=2))
-    return 0 if report.lost == 0 and report.versions_verified == report.versions_stored else 1
+    ok = report.lost == 0 and report.orphans == 0
+    return 0 if ok and report.versions_verified == report.versions_stored else 1
 
 
 if __name__ == "__main__":

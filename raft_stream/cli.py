@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,13 @@ from pydantic import BaseModel
 
 from raft_stream.config import RaftConfig, load_config
 from raft_stream.errors import RaftStreamError
+from raft_stream.roles.lifecycle import die_with_parent, is_spawned_child
+
+# vLLM starts its engine core and workers with the spawn method, which imports the
+# program's main module (so this one) in each of them first: there, tie them to their parent
+# so that a SIGKILLed daemon leaves no engine behind.
+if is_spawned_child():
+    die_with_parent(os.getppid())
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:

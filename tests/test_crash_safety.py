@@ -3,7 +3,7 @@ the tiny model) against the session broker, which outlives every kill.
 
 One module fixture runs the whole story once, because each daemon start costs an engine
 start: produce prompts; three times start the daemon, let it work a random moment, and
-SIGKILL its process group; start it a last time to finish the backlog; probe it; then
+SIGKILL the daemon process; start it a last time to finish the backlog; probe it; then
 SIGTERM it in the middle of more work. The tests each check one property of that run.
 """
 
@@ -108,6 +108,12 @@ def test_every_prompt_is_processed_at_least_once_across_random_sigkills(
     assert len(report.kill_delays_s) == TRIALS
     assert report.lost_ids == []
     assert report.processed == report.produced == PROMPTS
+
+
+def test_the_engine_processes_die_with_a_sigkilled_daemon(crash_run: CrashRun) -> None:
+    # vLLM's engine core and worker run in processes of their own; orphaned, they would
+    # keep the cores busy and the next daemon would share them.
+    assert crash_run.report.orphans == 0
 
 
 def test_every_stored_adapter_version_is_complete_and_loadable(crash_run: CrashRun) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,3 +129,68 @@ def test_the_exit_watchdog_ends_a_drain_that_overruns_the_grace_period() -> None
     assert done.returncode == EXIT_GRACE_EXPIRED, done.stderr
     assert exited - float(done.stdout) < 1.5 + 1.0  # within the grace period, plus exit
     assert "Traceback" not in done.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Running or sleeping (a zombie awaiting its reaper counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _child_outlives_its_parent(*args: str) -> bool:
+    """Run Python with ``args`` (prints a child's pid, then exits); is the child alive 10 s
+    later?"""
+    # Output to files, not pipes: a surviving child would hold a pipe open.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        done = subprocess.run([sys.executable, *args], stdout=out, stderr=err, timeout=60)
+        out.seek(0), err.seek(0)
+        assert done.returncode == 0, err.read().decode()
+        child = int(out.read())
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive := _alive(child):
+        os.kill(child, signal.SIGKILL)
+    return alive
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signals are Linux's")
+def test_a_forked_child_dies_with_the_daemon_that_forked_it() -> None:
+    program = (
+        "import os, time\n"
+        "from raft_stream.roles.lifecycle import children_die_with_parent\n"
+        "children_die_with_parent()\n"
+        "if (pid := os.fork()) == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "os._exit(0)  # dies without stopping or reaping the child\n"
+    )
+    assert not _child_outlives_its_parent("-c", program)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signals are Linux's")
+def test_a_spawned_child_of_the_cli_dies_with_it(tmp_path: Path) -> None:
+    # vLLM's engine starts this way: multiprocessing's spawn method, which imports the
+    # program's main module (here one that imports raft_stream.cli, as the console script
+    # does) in the child before running its target.
+    (tmp_path / "program.py").write_text(
+        "import os, sys, time, multiprocessing\n"
+        "from pathlib import Path\n"
+        "import raft_stream.cli\n"
+        "def work(ready):\n"
+        "    Path(ready).touch()\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    ready = Path(sys.argv[1])\n"
+        "    child = multiprocessing.get_context('spawn').Process(target=work, args=(ready,))\n"
+        "    child.start()\n"
+        "    while not ready.exists():\n"
+        "        time.sleep(0.05)\n"
+        "    print(child.pid, flush=True)\n"
+        "    os._exit(0)\n"
+    )
+    assert not _child_outlives_its_parent(str(tmp_path / "program.py"), str(tmp_path / "ready"))

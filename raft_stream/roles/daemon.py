@@ -19,6 +19,7 @@ from raft_stream.roles.health import BrokerProbe, Check, all_ready
 from raft_stream.roles.lifecycle import (
     Heartbeats,
     Shutdown,
+    children_die_with_parent,
     install_signal_handlers,
     start_exit_watchdog,
 )
@@ -60,6 +61,7 @@ class Daemon:
 
     def __enter__(self) -> Self:
         install_signal_handlers(self.shutdown)
+        children_die_with_parent()
         start_exit_watchdog(self.shutdown)
         self.server.start()
         self.probe.start()

@@ -10,17 +10,28 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from types import FrameType
 
-__all__ = ["Backoff", "Heartbeats", "Shutdown", "install_signal_handlers", "start_exit_watchdog"]
+__all__ = [
+    "Backoff",
+    "Heartbeats",
+    "Shutdown",
+    "children_die_with_parent",
+    "die_with_parent",
+    "install_signal_handlers",
+    "is_spawned_child",
+    "start_exit_watchdog",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +111,41 @@ def start_exit_watchdog(shutdown: Shutdown, margin_s: float = 1.0) -> threading.
     thread = threading.Thread(target=watch, name="raft-stream-exit-watchdog", daemon=True)
     thread.start()
     return thread
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have this process SIGKILLed when its parent (``parent_pid``) dies. Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def children_die_with_parent() -> None:
+    """Every process forked from now on gets SIGKILL when the process that forked it dies.
+
+    vLLM starts an engine core, which starts its workers; when the daemon is SIGKILLed (an
+    OOM kill, a node agent) or ended by the exit watchdog, nothing else stops them, and they
+    keep cores and gigabytes busy as orphans. This covers the fork start method (the hook is
+    inherited down the tree); ``raft_stream.cli`` covers spawn, which vLLM uses on the CPU
+    and once CUDA is initialized.
+    """
+    forking_pid = os.getpid()
+
+    def before_fork() -> None:
+        nonlocal forking_pid
+        forking_pid = os.getpid()
+
+    os.register_at_fork(before=before_fork, after_in_child=lambda: die_with_parent(forking_pid))
+
+
+def is_spawned_child() -> bool:
+    """True in a process the multiprocessing spawn method started (while it imports main)."""
+    return "--multiprocessing-fork" in sys.orig_argv
 
 
 class Backoff:

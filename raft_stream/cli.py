@@ -102,7 +102,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from raft_stream.streaming_demo import run_streaming_demo
 
-    run_streaming_demo(args.output_dir, args.stream_prompts, args.minutes * 60, Console())
+    run_streaming_demo(
+        args.output_dir, args.stream_prompts, args.minutes * 60, Console(), args.model
+    )
     return 0
 
 
@@ -246,8 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     demo.add_argument("--iterations", type=int, default=6)
     demo.add_argument("--prompts", type=int, default=32, help="offline: prompts per iteration")
-    demo.add_argument("--stream-prompts", type=int, default=400, help="prompts fed to the stream")
-    demo.add_argument("--minutes", type=float, default=9.0, help="stream for at most this long")
+    demo.add_argument("--stream-prompts", type=int, default=160, help="prompts fed to the stream")
+    demo.add_argument("--minutes", type=float, default=10.0, help="stream for at most this long")
+    demo.add_argument(
+        "--model",
+        choices=["demo", "tiny"],
+        default="demo",
+        help="streaming: SmolLM2-135M-Instruct, or the tiny test model (about 2 minutes)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     config = sub.add_parser("config", help="print the effective config, or every field")

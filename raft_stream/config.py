@@ -239,6 +239,11 @@ class TrainingConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bfloat16 on CUDA, float32 on the CPU."""
 
+    cpu_cores: int | None = Field(None, ge=1)
+    """All-in-one mode with vLLM on the CPU: cores kept for training (its thread is pinned
+    to them); vLLM's worker is bound to the others. None: half, at least one. Not applied
+    on a GPU, on a single core, or when VLLM_CPU_OMP_THREADS_BIND is set."""
+
 
 class StoreConfig(_Section):
     root: Path | None = None

@@ -129,6 +129,18 @@ class RaftMetrics:
             ["reason"],
             **kw,
         )
+        self.delivery_retries_total = Counter(
+            "delivery_retries",
+            "Sends retried after a failed delivery (broker unreachable or slow), by what.",
+            ["what"],
+            **kw,
+        )
+        self.commit_failures_total = Counter(
+            "commit_failures",
+            "Offset commits that failed (their records may be redone), by topic role.",
+            ["what"],
+            **kw,
+        )
 
         # Generation, scoring and ranking.
         self.samples_generated_total = Counter("samples_generated", "Responses sampled.", **kw)

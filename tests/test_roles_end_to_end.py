@@ -375,6 +375,7 @@ def test_the_roles_ride_out_a_broker_outage_and_catch_up_when_it_returns(
                 assert roles.alive()
                 assert roles.generator.served_version == 1
                 broker.thaw()
+                assert roles.metric("raft_stream_delivery_retries_total", what="samples") > 0
 
                 samples.read_until(
                     lambda s: during <= prompt_ids(s), 90, "samples after the outage"

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from raft_stream.config import RaftConfig
+from raft_stream.roles.cpu_split import bind_generation, split_cores
 from raft_stream.roles.daemon import Daemon
 from raft_stream.stream.broker import EmbeddedBroker
 
@@ -49,6 +50,23 @@ def run_all_in_one(cfg: RaftConfig) -> int:
             broker.stop()
 
 
+def _share_the_cpu(cfg: RaftConfig) -> tuple[int, ...] | None:
+    """With vLLM on the CPU: bind its worker to some cores, training to the others."""
+    import torch
+
+    if cfg.generation.backend != "vllm" or torch.cuda.is_available():
+        return None
+    split = split_cores(cfg.training.cpu_cores)
+    if split is None:
+        return None
+    bind_generation(split)
+    log.info(
+        "cores split between generation and training",
+        extra={"generation_cores": split.generation, "training_cores": split.training},
+    )
+    return split.training
+
+
 def _serve(cfg: RaftConfig) -> int:
     from raft_stream.data.models import resolve_model
     from raft_stream.roles.generator import GeneratorRole
@@ -59,6 +77,7 @@ def _serve(cfg: RaftConfig) -> int:
         trainer = TrainerRole(
             cfg, model_path, daemon.metrics, daemon.shutdown, daemon.heartbeats.register("trainer")
         )
+        trainer.training_cores = _share_the_cpu(cfg)
         daemon.add_check("trainer", lambda: trainer.ready)
         # The trainer loads its model and starts consuming while the engine starts.
         trainer_thread = daemon.start_thread("trainer", trainer.run)

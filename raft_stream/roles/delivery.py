@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 from kafka.errors import KafkaError
 
 from raft_stream.config import KafkaConfig
+from raft_stream.metrics import RaftMetrics
 from raft_stream.roles.lifecycle import Backoff, Shutdown
 from raft_stream.stream.kafka import (
     CommitError,
@@ -46,9 +47,11 @@ def until_delivered(
     shutdown: Shutdown,
     beat: Callable[[], None],
     what: str,
+    metrics: RaftMetrics,
 ) -> bool:
     """Call ``send(timeout)`` until it returns without DeliveryError; False if shutdown
-    came first (the caller must then not commit).
+    came first (the caller must then not commit). Retries count in
+    ``delivery_retries_total{what}``.
 
     Resending what was partly written duplicates it, which at-least-once allows. Within
     the grace period each try waits no longer than the time left. A DeliveryError that is
@@ -65,6 +68,7 @@ def until_delivered(
             if not err.retriable:
                 raise
             wait_s = backoff.next_s()
+            metrics.delivery_retries_total.labels(what).inc()
             log.warning(
                 "delivery failed; retrying",
                 extra={"what": what, "error": str(err), "retry_in_s": round(wait_s, 2)},
@@ -76,12 +80,17 @@ def until_delivered(
 
 
 def commit_quietly(
-    consumer: JsonConsumer[Any], offsets: Mapping[TopicPartition, int], what: str
+    consumer: JsonConsumer[Any],
+    offsets: Mapping[TopicPartition, int],
+    what: str,
+    metrics: RaftMetrics,
 ) -> bool:
-    """Commit; on CommitError log and return False (the records may be redone, that is all)."""
+    """Commit; on CommitError log, count and return False (the records may be redone, that
+    is all)."""
     try:
         consumer.commit(offsets, timeout_s=10.0)
     except CommitError as err:
+        metrics.commit_failures_total.labels(what).inc()
         log.warning("commit failed", extra={"what": what, "error": str(err)})
         return False
     return True

@@ -180,9 +180,11 @@ class GeneratorRole:
             clients.producer.send_and_wait(self.cfg.kafka.topics.samples, messages, timeout_s)
 
         kafka = self.cfg.kafka
-        if not until_delivered(send, kafka.delivery_timeout_s, self.shutdown, self.beat, "samples"):
+        if not until_delivered(
+            send, kafka.delivery_timeout_s, self.shutdown, self.beat, "samples", self.metrics
+        ):
             return
-        commit_quietly(clients.consumer, batch.last_offsets(), "prompts")
+        commit_quietly(clients.consumer, batch.last_offsets(), "prompts", self.metrics)
         self.batches += 1
         self._observe(scored)
 

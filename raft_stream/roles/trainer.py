@@ -33,6 +33,7 @@ from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, NonFiniteLossError, TrainingError
 from raft_stream.metrics import RaftMetrics
 from raft_stream.roles.adapters import adapter_store_root, announce
+from raft_stream.roles.cpu_split import pin_this_thread
 from raft_stream.roles.delivery import StreamClients, commit_quietly, open_clients, until_delivered
 from raft_stream.roles.lifecycle import Backoff, Shutdown, noop
 from raft_stream.stream.kafka import PollBatch, TopicPartition, sample_consumer
@@ -131,6 +132,8 @@ class TrainerRole:
         self._may_commit = True
         self._retry_at = 0.0
         self._backoff = Backoff(initial_s=2.0, max_s=60.0)
+        self.training_cores: tuple[int, ...] | None = None
+        """Cores the training rounds run on (all-in-one on the CPU); None: any."""
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -187,7 +190,8 @@ class TrainerRole:
             self.cfg.kafka.delivery_timeout_s,
             self.shutdown,
             self.beat,
-            "dead letters",
+            "dead_letters",
+            self.metrics,
         ):
             self._may_commit = False  # their offsets must not be committed
             return
@@ -259,7 +263,9 @@ class TrainerRole:
             log.error("saving the buffer failed; not committing", extra={"error": str(err)})
             return
         committable = self._consumed and self._may_commit
-        if committable and commit_quietly(clients.consumer, self._consumed, "samples"):
+        if committable and commit_quietly(
+            clients.consumer, self._consumed, "samples", self.metrics
+        ):
             self._consumed = {}
 
     def _announce(self, clients: StreamClients[Sample], adapter: AdapterVersion) -> None:
@@ -269,7 +275,8 @@ class TrainerRole:
             self.cfg.kafka.delivery_timeout_s,
             self.shutdown,
             self.beat,
-            "adapter announcement",
+            "adapter_announcement",
+            self.metrics,
         ):
             self.last_announced = adapter
             log.info("announced adapter version", extra={"adapter_version": adapter.version})
@@ -284,6 +291,8 @@ class TrainerRole:
     # -- training (background thread) -----------------------------------------------------
 
     def _train_and_store(self, samples: list[Sample]) -> tuple[AdapterVersion, TrainResult]:
+        if self.training_cores is not None:
+            pin_this_thread(self.training_cores)
         trainer = self._trainer or self._load_trainer()
         self._trainer = trainer
         result = trainer.train(samples)

@@ -141,6 +141,11 @@ class RaftMetrics:
             ["what"],
             **kw,
         )
+        # Exported at 0 from the start, so rate() and alerts see the series before a failure.
+        for what in ("samples", "dead_letters", "adapter_announcement"):
+            self.delivery_retries_total.labels(what)
+        for what in ("prompts", "samples"):
+            self.commit_failures_total.labels(what)
 
         # Generation, scoring and ranking.
         self.samples_generated_total = Counter("samples_generated", "Responses sampled.", **kw)

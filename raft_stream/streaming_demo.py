@@ -84,6 +84,16 @@ TINY_STREAM_OVERRIDES = {
 }
 
 
+def _cycled(records: list[PromptRecord], n: int) -> list[PromptRecord]:
+    """``n`` prompts from ``records``, repeated with fresh ids where there are too few."""
+    return [
+        PromptRecord(
+            f"{records[i % len(records)].id}-{i // len(records)}", records[i % len(records)].prompt
+        )
+        for i in range(n)
+    ]
+
+
 @dataclass(frozen=True)
 class DemoModel:
     """A model the demo can stream with: how to build it, its prompts, its settings."""
@@ -104,7 +114,7 @@ DEMO_MODELS = {
     "tiny": DemoModel(
         "the tiny test model, built once",
         ensure_tiny_model,
-        lambda n: tiny_prompts("train", n),
+        lambda n: _cycled(tiny_prompts("train"), n),
         TINY_STREAM_OVERRIDES,
     ),
 }

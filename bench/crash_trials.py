@@ -184,15 +184,24 @@ class DaemonProcess:
                 os.killpg(self.pid, signal.SIGKILL)
 
 
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, process group) of ``pid`` from /proc; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # pid (comm) state ppid pgrp ...; comm may hold spaces, so split after ")".
+    state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+    return state, int(pgrp)
+
+
 def live_group_members(pgid: int) -> list[int]:
     """The live (not zombie) processes of process group ``pgid``."""
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            # pid (comm) state ppid pgrp ...; comm may hold spaces, so split after ")".
-            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            if int(pgrp) == pgid and state != "Z":
-                members.append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        found = process_state(int(entry.name))
+        if found is not None and found[0] != "Z" and found[1] == pgid:
+            members.append(int(entry.name))
     return members
 
 

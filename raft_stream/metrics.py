@@ -101,6 +101,12 @@ class _RunningMean:
         return self.total / self.count
 
 
+DELIVERIES = ("samples", "dead_letters", "adapter_announcement")
+"""What the roles send with retries: the ``what`` label of ``delivery_retries_total``."""
+COMMITS = ("prompts", "samples")
+"""Whose offsets the roles commit: the ``what`` label of ``commit_failures_total``."""
+
+
 class RaftMetrics:
     """Every metric of a raft-stream process, registered on one registry.
 
@@ -142,9 +148,9 @@ class RaftMetrics:
             **kw,
         )
         # Exported at 0 from the start, so rate() and alerts see the series before a failure.
-        for what in ("samples", "dead_letters", "adapter_announcement"):
+        for what in DELIVERIES:
             self.delivery_retries_total.labels(what)
-        for what in ("prompts", "samples"):
+        for what in COMMITS:
             self.commit_failures_total.labels(what)
 
         # Generation, scoring and ranking.

@@ -86,12 +86,8 @@ TINY_STREAM_OVERRIDES = {
 
 def _cycled(records: list[PromptRecord], n: int) -> list[PromptRecord]:
     """``n`` prompts from ``records``, repeated with fresh ids where there are too few."""
-    return [
-        PromptRecord(
-            f"{records[i % len(records)].id}-{i // len(records)}", records[i % len(records)].prompt
-        )
-        for i in range(n)
-    ]
+    rounds = [divmod(i, len(records)) for i in range(n)]
+    return [PromptRecord(f"{records[j].id}-{round_}", records[j].prompt) for round_, j in rounds]
 
 
 @dataclass(frozen=True)

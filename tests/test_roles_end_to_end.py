@@ -25,6 +25,7 @@ import pytest
 
 from raft_stream.config import KafkaConfig, RaftConfig, TopicsConfig
 from raft_stream.data.tiny_model import tiny_prompts
+from raft_stream.metrics import DELIVERIES
 from raft_stream.roles.adapters import announcement_of
 from raft_stream.roles.health import BrokerProbe
 from raft_stream.stream.broker import EmbeddedBroker
@@ -392,10 +393,7 @@ def test_the_roles_ride_out_a_broker_outage_and_catch_up_when_it_returns(
 
 
 def retries_counted(roles: Roles) -> float:
-    return sum(
-        roles.metric("raft_stream_delivery_retries_total", what=what)
-        for what in ("samples", "dead_letters", "adapter_announcement")
-    )
+    return sum(roles.metric("raft_stream_delivery_retries_total", what=what) for what in DELIVERIES)
 
 
 # -- adapter distribution --------------------------------------------------------------------

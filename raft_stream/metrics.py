@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import raft_stream
+from raft_stream.generation.engine_process import ENGINE_DEATH_SIGNALS
 from raft_stream.stream.schema import DEAD_LETTER_REASONS as SCHEMA_DEAD_LETTER_REASONS
 from raft_stream.textstats import distinct_n
 
@@ -240,6 +241,13 @@ class RaftMetrics:
 
         # Process.
         self.ready = Gauge("ready", "1 when /readyz answers 200, else 0.", **kw)
+        self.engine_deaths_total = Counter(
+            "engine_deaths",
+            "Generation engine processes found dead, by the signal that killed them "
+            "(unknown: SIGKILL, e.g. the OOM killer, or an exit). The process restarts.",
+            ["signal"],
+            **kw,
+        )
         for unset in (
             self.generation_tokens_per_second,
             self.generation_distinct2,
@@ -259,6 +267,8 @@ class RaftMetrics:
         ):
             for reason in reasons:
                 counter.labels(reason=reason)
+        for signal in ENGINE_DEATH_SIGNALS:
+            self.engine_deaths_total.labels(signal=signal)
 
         self._lock = threading.Lock()
         self._slots = {"current": _RunningMean(), "previous": _RunningMean()}
@@ -286,6 +296,12 @@ class RaftMetrics:
         """Count a failed training round; an unknown reason counts as ``other``."""
         self.training_failures_total.labels(
             reason=self._reason(reason, TRAINING_FAILURE_REASONS)
+        ).inc()
+
+    def count_engine_death(self, signal: str) -> None:
+        """Count a dead engine; a signal outside ENGINE_DEATH_SIGNALS counts as ``unknown``."""
+        self.engine_deaths_total.labels(
+            signal=signal if signal in ENGINE_DEATH_SIGNALS else "unknown"
         ).inc()
 
     def count_adapter_load_failure(self, reason: str) -> None:

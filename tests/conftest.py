@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import uuid
@@ -61,19 +62,63 @@ def tiny_lora_adapters(
     return adapters
 
 
-@pytest.fixture(scope="session")
-def vllm_generator(tiny_model_dir: Path) -> Iterator[VLLMGenerator]:
-    """One vLLM engine on the tiny model for the whole run: starting one takes 25-90 s."""
-    from raft_stream.config import GenerationConfig, ModelConfig
-    from raft_stream.generation.vllm_backend import VLLMGenerator
+class _SharedEngine:
+    """The run's one vLLM engine on the tiny model, started again if a test saw it die."""
 
-    generator = VLLMGenerator(
-        str(tiny_model_dir),
-        ModelConfig(max_model_len=256),  # the tiny model's context
-        GenerationConfig(enforce_eager=True, max_lora_rank=8),  # eager: starts faster
-    )
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.deaths: list[str] = []
+        self.generator = self._start()
+
+    def _start(self) -> VLLMGenerator:
+        from raft_stream.config import GenerationConfig, ModelConfig
+        from raft_stream.generation.vllm_backend import VLLMGenerator
+
+        return VLLMGenerator(
+            str(self.model_dir),
+            ModelConfig(max_model_len=256),  # the tiny model's context
+            GenerationConfig(enforce_eager=True, max_lora_rank=8),  # eager: starts faster
+        )
+
+    def alive(self) -> VLLMGenerator:
+        if self.generator.death is not None:
+            with contextlib.suppress(Exception):
+                self.generator.close()
+            self.generator = self._start()
+        return self.generator
+
+
+_ENGINE_DEATHS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def _shared_engine(tiny_model_dir: Path) -> Iterator[_SharedEngine]:
+    engine = _SharedEngine(tiny_model_dir)
+    yield engine
+    engine.generator.close()
+
+
+@pytest.fixture
+def vllm_generator(
+    _shared_engine: _SharedEngine, request: pytest.FixtureRequest
+) -> Iterator[VLLMGenerator]:
+    """One vLLM engine on the tiny model for the whole run: starting one takes 25-90 s.
+
+    If a test sees it die, that test fails with the cause (EngineDeadError names the
+    signal), the summary says so once, and the next test gets a fresh engine: one death
+    never fails the tests after it.
+    """
+    generator = _shared_engine.alive()
     yield generator
-    generator.close()
+    if generator.death is not None:
+        _ENGINE_DEATHS.append(f"{request.node.nodeid}: {generator.death}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _ENGINE_DEATHS:
+        terminalreporter.section("vLLM engine deaths (a fresh engine served later tests)")
+        for line in _ENGINE_DEATHS:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

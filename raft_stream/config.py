@@ -147,6 +147,17 @@ class RewardConfig(_Section):
     score_prompt: bool = False
     """Per-text functions see prompt + response instead of the response alone."""
 
+    isolation: Literal["process", "thread"] = "process"
+    """python kind: ``process`` runs your function in ``workers`` worker processes, on their
+    main threads (``signal.alarm`` works there); a call past ``timeout_s`` kills and
+    replaces its worker, so one hung input costs one batch. ``thread`` runs it in the
+    service's process: a hung call cannot be killed, and batches are refused as
+    ``reward_timeout`` until it returns. Other kinds always run in the process."""
+
+    workers: int = Field(1, ge=1, le=64)
+    """python kind with ``isolation: process``: worker processes; a batch is split
+    across them and scored in parallel."""
+
     @model_validator(mode="after")
     def _kind_needs_its_field(self) -> RewardConfig:
         needs = {"python": "function", "classifier": "model", "http": "url"}

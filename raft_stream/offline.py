@@ -160,7 +160,8 @@ def run_offline(
     owns_generator = generator is None
     if generator is None:
         generator = build_generator(model_path, cfg.model, cfg.generation)
-    sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, sampling)
+    reward = build_safe_reward(cfg.reward)
+    sampler = RaftSampler(generator, reward, cfg.ranking, sampling)
     eval_sampler = RaftSampler(
         generator,
         sampler.reward,
@@ -225,6 +226,7 @@ def run_offline(
             report.eval_after = evaluate(eval_sampler, eval_prompts, adapter)
             console.print(f"held-out reward after:  {report.eval_after.reward_mean:.3f}")
     finally:
+        reward.close()
         if owns_generator:
             generator.close()
     report.wall_s = time.perf_counter() - started

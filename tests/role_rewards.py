@@ -1,19 +1,26 @@
 """A reward function for the role tests whose behaviour the test switches: it scores,
-raises, or hangs until released. Configured like any user's reward (python kind)."""
+raises, or hangs. Configured like any user's reward (python kind), so it runs in reward
+worker processes: the mode is read from the file named by ``MODE_FILE_ENV`` on every call."""
 
 from __future__ import annotations
 
-import threading
+import os
+import time
+from pathlib import Path
 
-MODE = {"now": "ok"}
-"""ok: score by length; raise: every call raises; hang: block until RELEASE is set."""
-RELEASE = threading.Event()
+MODE_FILE_ENV = "RAFT_STREAM_TEST_REWARD_MODE_FILE"
+"""ok (or no file): score by length; raise: every call raises; hang: sleep for an hour."""
+
+
+def set_mode(mode: str) -> None:
+    Path(os.environ[MODE_FILE_ENV]).write_text(mode)
 
 
 def controlled_reward(text: str) -> float:
-    mode = MODE["now"]
+    path = os.environ.get(MODE_FILE_ENV)
+    mode = Path(path).read_text() if path and Path(path).exists() else "ok"
     if mode == "raise":
         raise RuntimeError("the reward service is broken")
     if mode == "hang":
-        RELEASE.wait(timeout=60)
+        time.sleep(3600)
     return len(text.split()) / 10

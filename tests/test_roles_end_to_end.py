@@ -13,7 +13,6 @@ import logging
 import shutil
 import statistics
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -209,7 +208,9 @@ def test_a_reward_that_raises_or_hangs_rejects_samples_and_the_generator_recover
     vllm_generator: VLLMGenerator,
     tiny_model_dir: Path,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv(role_rewards.MODE_FILE_ENV, str(tmp_path / "reward-mode"))
     cfg = role_config(
         kafka_config(),
         tmp_path / "state",
@@ -228,25 +229,25 @@ def test_a_reward_that_raises_or_hangs_rejects_samples_and_the_generator_recover
         wanted = samples.read_until(lambda s: ids <= prompt_ids(s), 60, f"samples of {ids}")
         return {s.reject_reason for s in wanted if s.prompt_id in ids}
 
-    role_rewards.MODE["now"], role_rewards.RELEASE = "raise", threading.Event()
+    role_rewards.set_mode("raise")
     try:
         with running_roles(cfg, vllm_generator, tiny_model_dir, trainer=False) as roles:
             produce_prompts(cfg.kafka, [(f"raise-{i}", "the movie was") for i in range(4)])
             assert outcomes({f"raise-{i}" for i in range(4)}) == {"reward_error"}
 
-            role_rewards.MODE["now"] = "hang"
+            role_rewards.set_mode("hang")
             produce_prompts(cfg.kafka, [(f"hang-{i}", "the movie was") for i in range(4)])
             assert outcomes({f"hang-{i}" for i in range(4)}) == {"reward_timeout"}
 
-            role_rewards.MODE["now"] = "ok"
-            role_rewards.RELEASE.set()  # the hung call returns; scoring resumes
+            # The hung worker was killed at the deadline: scoring resumes with the next
+            # batch, without waiting for the hung call to return.
+            role_rewards.set_mode("ok")
             wait_for(lambda: _scored_again(cfg, samples), 60, "rewards again")
             assert roles.alive()
             assert roles.metric("raft_stream_samples_rejected_total", reason="reward_error") >= 8
             assert roles.metric("raft_stream_samples_rejected_total", reason="reward_timeout") >= 8
     finally:
-        role_rewards.MODE["now"] = "ok"
-        role_rewards.RELEASE.set()
+        role_rewards.set_mode("ok")
         samples.close()
 
 

@@ -63,11 +63,14 @@ def build_reward(cfg: RewardConfig) -> RewardFunction:
 
 
 def build_safe_reward(cfg: RewardConfig) -> SafeReward:
-    """The configured reward wrapped in SafeReward with ``reward.timeout_s``."""
+    """The configured reward wrapped in SafeReward with ``reward.timeout_s``; user functions
+    (python kind) run in worker processes unless ``reward.isolation`` is ``thread``."""
+    from raft_stream.rewards.isolated import RewardPool
     from raft_stream.rewards.safe import SafeReward
 
+    isolated = cfg.kind == "python" and cfg.isolation == "process"
     return SafeReward(
-        build_reward(cfg),
+        RewardPool(cfg, cfg.workers) if isolated else build_reward(cfg),
         timeout_s=cfg.timeout_s,
         retry_per_pair=cfg.kind in RETRY_PER_PAIR_KINDS,
     )

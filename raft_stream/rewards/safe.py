@@ -6,11 +6,17 @@ Each sample gets a RewardOutcome: a finite reward, or None and one reason code:
 - ``reward_timeout``: the call took longer than ``timeout_s``;
 - ``reward_nonfinite``: NaN or inf for that sample (the others keep theirs).
 
-Limitation: Python cannot kill a thread. A call past its timeout is abandoned in its daemon
-thread, which runs on until the reward returns (or the process exits). So that repeated hangs
-cannot pile up threads, while that thread is alive every batch is refused at once with
-``reward_timeout``; scoring resumes when it returns. A reward that never returns needs a
-restart (or a reward kind that enforces its own timeout, like http).
+Two ways to run the reward:
+
+- In worker processes (a :class:`~raft_stream.rewards.isolated.RewardPool`, the default for
+  user functions): a call past ``timeout_s`` kills and replaces its worker, so one hung
+  input costs one batch; the function runs on the worker's main thread, so ``signal.alarm``
+  works.
+- In this process, on a thread (built-in rewards, or ``reward.isolation: thread``). Python
+  cannot kill a thread: a call past its timeout is abandoned in its daemon thread, which
+  runs on until the reward returns. So that repeated hangs cannot pile up threads, while
+  that thread is alive every batch is refused at once with ``reward_timeout``; scoring
+  resumes when it returns.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raft_stream.rewards.base import RewardFunction, as_rewards, check_pairs
+from raft_stream.rewards.isolated import RewardPool
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,11 @@ class SafeReward:
     """
 
     def __init__(
-        self, reward: RewardFunction, timeout_s: float, *, retry_per_pair: bool = True
+        self,
+        reward: RewardFunction | RewardPool,
+        timeout_s: float,
+        *,
+        retry_per_pair: bool = True,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s ({timeout_s}) must be > 0")
@@ -93,11 +104,14 @@ class SafeReward:
         count = len(responses)
         if count == 0:
             return []
+        reward = self.reward
         with self._lock:
+            if isinstance(reward, RewardPool):
+                return self._score_in_pool(reward, prompts, responses)
             if self._still_hung():
                 return [_TIMEOUT] * count
             deadline = time.monotonic() + self.timeout_s
-            batch = _Worker(lambda: as_rewards(self.reward(prompts, responses), count, "reward"))
+            batch = _Worker(lambda: as_rewards(reward(prompts, responses), count, "reward"))
             batch.start()
             if not batch.finished_by(deadline):
                 self._abandon(batch, count)
@@ -112,10 +126,41 @@ class SafeReward:
             )
             if not self.retry_per_pair or count == 1:
                 return [_ERROR] * count
-            return self._score_one_by_one(prompts, responses, deadline)
+            return self._score_one_by_one(reward, prompts, responses, deadline)
+
+    def _score_in_pool(
+        self, pool: RewardPool, prompts: Sequence[str], responses: Sequence[str]
+    ) -> list[RewardOutcome]:
+        outcomes: list[RewardOutcome] = []
+        for part in pool.score(prompts, responses, self.timeout_s):
+            if part.timed_out:
+                log.warning(
+                    "reward took longer than timeout_s=%ss for %d samples; its worker was "
+                    "killed and replaced",
+                    self.timeout_s,
+                    len(part.values),
+                )
+                outcomes += [_TIMEOUT] * len(part.values)
+                continue
+            if part.error is not None:
+                failed = sum(value is None for value in part.values)
+                log.error(
+                    "reward failed for %d of %d samples:\n%s", failed, len(part.values), part.error
+                )
+            outcomes += [_ERROR if value is None else _outcome(value) for value in part.values]
+        return outcomes
+
+    def close(self) -> None:
+        """Stop the reward's worker processes, if it has any."""
+        if isinstance(self.reward, RewardPool):
+            self.reward.close()
 
     def _score_one_by_one(
-        self, prompts: Sequence[str], responses: Sequence[str], deadline: float
+        self,
+        reward: RewardFunction,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        deadline: float,
     ) -> list[RewardOutcome]:
         count = len(responses)
         outcomes: list[RewardOutcome | None] = [None] * count
@@ -126,7 +171,7 @@ class SafeReward:
                 if stop.is_set():  # past the deadline: leave the rest as timeouts
                     return
                 try:
-                    value = as_rewards(self.reward([prompts[i]], [responses[i]]), 1, "reward")
+                    value = as_rewards(reward([prompts[i]], [responses[i]]), 1, "reward")
                     outcomes[i] = _outcome(value[0])
                 except Exception:
                     outcomes[i] = _ERROR

@@ -126,6 +126,7 @@ def _serve(cfg: RaftConfig, broker: EmbeddedBroker | None) -> int:
                 generator.run()
             finally:
                 generator.generator.close()
+                generator.sampler.reward.close()
 
         daemon.add_check("generator", lambda: generator is not None and generator.ready)
         daemon.run("generator", serve)

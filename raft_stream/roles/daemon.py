@@ -122,6 +122,7 @@ def run_generator(cfg: RaftConfig) -> int:
                 role.run()
             finally:
                 role.generator.close()
+                role.sampler.reward.close()
 
         daemon.run("generator", serve)
     return daemon.exit_status

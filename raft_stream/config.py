@@ -40,8 +40,9 @@ class ModelConfig(_Section):
     system_prompt: str | None = None
     """System message for chat templates; None sends none."""
 
-    max_model_len: int = Field(512, ge=16)
-    """Longest prompt plus response, in tokens."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Longest prompt plus response, in tokens. None: the model's own context length (its
+    config's ``max_position_embeddings``, as vLLM reads it)."""
 
     trust_remote_code: bool = False
     """Allow model repositories that ship Python code."""

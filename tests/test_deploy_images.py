@@ -90,6 +90,8 @@ def test_healthcheck_follows_healthz(fake_cli: dict[str, str]) -> None:
     server = MetricsServer(RaftMetrics(CollectorRegistry()), "127.0.0.1", 0, lambda: (True, "ok"))
     env = {**fake_cli, "RAFT_STREAM_SERVER__PORT": str(server.port)}
     with server:
+        assert _entrypoint(env, "healthcheck").returncode == 1  # starting: no heartbeat yet
+        server.heartbeat()
         assert _entrypoint(env, "healthcheck").returncode == 0
     result = _entrypoint(env, "healthcheck")  # stopped: connection refused
     assert result.returncode == 1

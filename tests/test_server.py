@@ -98,6 +98,14 @@ def test_readyz_is_503_when_the_callback_raises(
     assert "broker 10.0.0.1:9092 unreachable" in body
 
 
+def test_healthz_fails_until_the_first_heartbeat(server: MetricsServer) -> None:
+    # A startup probe must not pass while the engine is still loading.
+    status, _, body = get(server.url + "/healthz")
+    assert (status, body) == (503, "starting: no heartbeat yet (engine or clients not up)\n")
+    server.heartbeat()
+    assert get(server.url + "/healthz")[0] == 200
+
+
 def test_healthz_fails_when_heartbeats_stop(server: MetricsServer) -> None:
     server.heartbeat()
     assert get(server.url + "/healthz")[::2] == (200, "ok\n")

@@ -44,7 +44,11 @@ class Daemon:
         self.checks: list[Check] = []
         self.failed = False
         self.server = MetricsServer(
-            self.metrics, cfg.server.host, cfg.server.port, readiness=self._ready
+            self.metrics,
+            cfg.server.host,
+            cfg.server.port,
+            readiness=self._ready,
+            liveness_max_age_s=cfg.liveness_window_s,
         )
         self.heartbeats = Heartbeats(self.server.heartbeat)
         self.probe = BrokerProbe(cfg.kafka)
@@ -107,6 +111,8 @@ def run_generator(cfg: RaftConfig) -> int:
     with Daemon(cfg) as daemon:
         model_path = resolve_model(cfg.model.name_or_path)
         role: GeneratorRole | None = None
+        # Before the engine exists: /readyz must say "starting" until it serves.
+        daemon.add_check("generator", lambda: role is not None and role.ready)
 
         def serve() -> None:
             nonlocal role
@@ -117,7 +123,6 @@ def run_generator(cfg: RaftConfig) -> int:
                 daemon.shutdown,
                 daemon.heartbeats.register("generator"),
             )
-            daemon.add_check("generator", lambda: role is not None and role.ready)
             try:
                 role.run()
             finally:

@@ -77,3 +77,13 @@ def test_raises_error_for_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
 def test_every_field_is_documented() -> None:
     undocumented = [name for name, _, doc in field_docs(RaftConfig) if not doc]
     assert undocumented == []
+
+
+def test_raises_error_when_reward_min_is_above_reward_max() -> None:
+    with pytest.raises(ConfigError, match=r"buffer\.reward_min \(1\.0\) must be <= buffer\.rew"):
+        load_config(overrides={"buffer.reward_min": 1.0, "buffer.reward_max": -1.0})
+
+
+def test_raises_error_when_a_reward_bound_is_not_finite() -> None:
+    with pytest.raises(ConfigError, match=r"buffer\.reward_max: Input should be a finite number"):
+        load_config(overrides={"buffer.reward_max": "inf"})

@@ -303,7 +303,7 @@ def _check_sampling(sampling: dict[str, Any], limits: SamplingConfig) -> dict[st
         if key not in maxima:
             allowed = ", ".join(maxima)
             raise MessageError(
-                "bad_field_type", f"sampling.{show(key)} is unknown; allowed: {allowed}"
+                "bad_field_type", f"sampling.{key[:40]} is unknown; allowed: {allowed}"
             )
         try:
             checked[key] = _override_adapter(key).validate_python(value)
@@ -466,7 +466,7 @@ def decode_adapter(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> AdapterA
     for name, metric in metrics.items():
         if not _KINDS["number"](metric):
             raise MessageError(
-                "bad_field_type", f"metrics.{show(name)} must be number, got {show(metric)}"
+                "bad_field_type", f"metrics.{name[:40]} must be number, got {show(metric)}"
             )
     return AdapterAnnouncement(
         version=_field(obj, "version", "int"),

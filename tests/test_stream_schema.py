@@ -286,7 +286,9 @@ def test_decode_prompt_raises_error_when_an_override_asks_for_more_than_the_limi
     value = b'{"id":"a","prompt":"hi","sampling":{"k":256,"max_new_tokens":1000000000}}'
     with pytest.raises(MessageError, match=r"sampling\.k 256 is above this service's limit of 8"):
         decode_prompt(value, max_bytes=1000)
-    with pytest.raises(MessageError, match="prompt_max_max_new_tokens|limit of 48") as caught:
+    with pytest.raises(
+        MessageError, match=r"limit of 48 \(generation\.sampling\.prompt_max_new_tokens\)"
+    ) as caught:
         decode_prompt(value.replace(b'"k":256,', b""), max_bytes=1000)
     assert caught.value.reason == "override_out_of_bounds"
 

@@ -313,10 +313,11 @@ def _check_sampling(sampling: dict[str, Any], limits: SamplingConfig) -> dict[st
                 "bad_field_type", f"sampling.{key}: {problem}, got {show(value)}"
             ) from None
         if checked[key] > maxima[key]:
+            limit = f"prompt_{key}" if key.startswith("max_") else f"prompt_max_{key}"
             raise MessageError(
                 OVERRIDE_OUT_OF_BOUNDS,
                 f"sampling.{key} {show(value)} is above this service's limit of "
-                f"{maxima[key]:g} (generation.sampling.prompt_max_{key}); ask for at most "
+                f"{maxima[key]:g} (generation.sampling.{limit}); ask for at most "
                 "that, or have the operator raise the limit",
             )
     return checked

@@ -539,8 +539,10 @@ def encode_dead_letter(letter: DeadLetter) -> dict[str, Any]:
 
 
 def _valid_text(text: str) -> str:
-    # A detail may quote an exception that quotes the input; lone surrogates cannot be sent.
-    return text.encode("utf-8", "replace").decode("utf-8")
+    """Text the decoders accept: a detail may quote an exception that quotes the input,
+    and lone surrogates cannot be sent (they become "?"), nor NUL be read (it becomes
+    "\\x00")."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def _cut_text(text: str, chars: int) -> str:

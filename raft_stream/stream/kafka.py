@@ -26,6 +26,7 @@ from kafka.structs import OffsetAndMetadata
 from raft_stream.config import KafkaConfig, SamplingConfig
 from raft_stream.errors import ConfigError, MessageError, RaftStreamError
 from raft_stream.stream.schema import (
+    INTERNAL_ERROR,
     AdapterAnnouncement,
     DeadLetter,
     check_output_size,
@@ -276,11 +277,14 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
                 where = f"{rec.topic}/{rec.partition}/{rec.offset}"
                 try:
                     value = self._decode(b"" if rec.value is None else rec.value, where)
-                except MessageError as err:
+                except Exception as err:
+                    # MessageError; anything else is a decoder bug this record triggers
+                    # (the decoders are total, tests/test_records_fuzz.py): never fatal.
+                    reason, detail = _reason_of(err)
                     dead.append(
                         DeadLetter(
-                            reason=err.reason,
-                            detail=err.detail,
+                            reason=reason,
+                            detail=detail,
                             topic=rec.topic,
                             partition=rec.partition,
                             offset=rec.offset,
@@ -352,6 +356,14 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
     def close(self) -> None:
         """Leave the group (its partitions go to other members) without committing."""
         self._consumer.close(autocommit=False)
+
+
+def _reason_of(err: Exception) -> tuple[str, str]:
+    """(reason, detail) of a record the decoder refused or failed on."""
+    if isinstance(err, MessageError):
+        return err.reason, err.detail
+    log.error("decoder failed on a record; dead-lettering it", exc_info=err)
+    return INTERNAL_ERROR, f"decoding: {type(err).__name__}: {err!s:.300}"
 
 
 class PromptConsumer(JsonConsumer[PromptRecord]):

@@ -10,7 +10,8 @@ its output). Inputs, from a seeded ``random.Random`` (no hypothesis: this is for
   escapes, NUL, 400-digit integers, 1e400, NaN, deep brackets);
 - ``fields``: a valid message with fields removed or replaced by random JSON values (huge
   numbers, deep nesting, lone surrogates, NUL, long strings, every JSON type);
-- ``any_json``: a random JSON value (mostly objects).
+- ``any_json``: a random JSON value (mostly objects);
+- ``oversized``: one input in 10,000, a message over the 1 MB limit, mutated.
 
 Each decoder gets every input of every kind (a message of one record is hostile input for
 the others). Prints a table and writes bench/results/fuzz.json.
@@ -210,6 +211,7 @@ def mutate_fields(message: dict[str, Any], rng: random.Random) -> bytes:
 
 
 KINDS = ("bytes", "mutated", "fields", "any_json")
+OVERSIZED = b'{"id": "big", "prompt": "' + b"x" * 1_000_000 + b'"}'
 
 
 def inputs(rng: random.Random, count: int) -> Iterator[tuple[str, bytes]]:
@@ -217,6 +219,9 @@ def inputs(rng: random.Random, count: int) -> Iterator[tuple[str, bytes]]:
     valid = {name: dumps(message) for name, message in VALID.items()}
     records = list(VALID)
     for i in range(count):
+        if i % 10_000 == 9_999:  # now and then one over every decoder's 1 MB limit
+            yield "oversized", mutate_bytes(OVERSIZED, rng)
+            continue
         kind = KINDS[i % len(KINDS)]
         record = rng.choice(records)
         if kind == "bytes":

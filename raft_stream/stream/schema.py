@@ -10,8 +10,9 @@ without breaking readers.
 
 Decoders are total: for any bytes they return a record or raise
 :class:`~raft_stream.errors.MessageError`, nothing else. Its ``reason`` is one of
-:data:`REASONS`, a fixed set, so it can be a metric label; :data:`DEAD_LETTER_REASONS`
-adds the reasons the roles give to records they could decode but not use. Beyond the
+:data:`REASONS` (``raft_stream.reasons.DECODE_REASONS``), a fixed set, so it can be a
+metric label; :data:`DEAD_LETTER_REASONS` adds the reasons the roles give to records they
+could decode but not use. Beyond the
 fields' own rules every decoder refuses, anywhere in a message: more bytes than the
 configured limit, nesting deeper than :data:`MAX_DEPTH`, text with a lone surrogate or
 NUL (it could not be encoded again, or is cut by C code), and numbers outside a 64-bit
@@ -40,6 +41,15 @@ from pydantic import Strict, TypeAdapter, ValidationError
 
 from raft_stream.config import KafkaConfig, SamplingConfig
 from raft_stream.errors import MessageError
+from raft_stream.reasons import (
+    DEAD_LETTER_REASONS,
+    GENERATION_FAILED,
+    INTERNAL_ERROR,
+    OUTPUT_TOO_LARGE,
+    OVERRIDE_OUT_OF_BOUNDS,
+    REWARD_OUT_OF_BOUNDS,
+)
+from raft_stream.reasons import DECODE_REASONS as REASONS
 from raft_stream.types import AdapterVersion, PromptRecord, Sample
 
 __all__ = [
@@ -71,52 +81,6 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Final = 1
-
-# -- reasons -----------------------------------------------------------------------------
-
-REASONS: Final = (
-    "too_large",
-    "not_utf8",
-    "not_json",
-    "not_object",
-    "too_deep",
-    "bad_text",
-    "number_out_of_range",
-    "unknown_schema_version",
-    "missing_prompt",
-    "empty_prompt",
-    "missing_field",
-    "bad_field_type",
-    "override_out_of_bounds",
-)
-"""Every reason a decoder gives (``missing_field``: samples, adapters and dead letters;
-``override_out_of_bounds``: a prompt's sampling override above the operator's limit)."""
-
-OVERRIDE_OUT_OF_BOUNDS: Final = "override_out_of_bounds"
-
-GENERATION_FAILED: Final = "generation_failed"
-"""A well-formed prompt the generator cannot sample from (e.g. one longer than the model's
-context), found by retrying it alone while the engine serves others."""
-
-OUTPUT_TOO_LARGE: Final = "output_too_large"
-"""A prompt whose sample would be larger than ``kafka.max_message_bytes``."""
-
-REWARD_OUT_OF_BOUNDS: Final = "reward_out_of_bounds"
-"""A kept sample whose reward is missing or outside ``buffer.reward_min..reward_max``:
-the trainer does not train on it."""
-
-INTERNAL_ERROR: Final = "internal_error"
-"""A record whose handling raised an unexpected exception (a bug): the role dead-letters
-that record with a short summary and goes on."""
-
-DEAD_LETTER_REASONS: Final = (
-    *REASONS,
-    GENERATION_FAILED,
-    OUTPUT_TOO_LARGE,
-    REWARD_OUT_OF_BOUNDS,
-    INTERNAL_ERROR,
-)
-"""Every dead-letter reason raft-stream gives: the decoders' and the roles'."""
 
 # -- limits ------------------------------------------------------------------------------
 

@@ -64,6 +64,37 @@ class SamplingConfig(_Section):
     seed: int | None = 0
     """Sampling seed; None draws a fresh one each call."""
 
+    prompt_max_k: int | None = Field(None, ge=1, le=256)
+    """Largest ``k`` a prompt message may ask for in its ``sampling`` overrides; a larger
+    one is dead-lettered (``override_out_of_bounds``), never clamped. None: ``k``."""
+
+    prompt_max_new_tokens: int | None = Field(None, ge=1)
+    """Largest ``max_new_tokens`` a prompt message may ask for (tokens); a larger one is
+    dead-lettered. None: ``max_new_tokens``."""
+
+    prompt_max_temperature: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    """Largest ``temperature`` a prompt message may ask for; a higher one is dead-lettered.
+    None: ``temperature``."""
+
+    prompt_max_top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Largest ``top_p`` a prompt message may ask for; a larger one is dead-lettered.
+    None: ``top_p``."""
+
+    def override_maxima(self) -> dict[str, float]:
+        """The largest value of each per-prompt override (name as in a prompt's
+        ``sampling`` object): the ``prompt_max_*`` field, or the configured value."""
+        return {
+            "k": self.prompt_max_k or self.k,
+            "max_new_tokens": self.prompt_max_new_tokens or self.max_new_tokens,
+            "temperature": _or(self.prompt_max_temperature, self.temperature),
+            "top_p": self.prompt_max_top_p or self.top_p,
+        }
+
+
+def _or(value: float | None, default: float) -> float:
+    # `x or default` would replace an explicit 0.0 (greedy only) by the default.
+    return default if value is None else value
+
 
 class GenerationConfig(_Section):
     backend: Literal["vllm", "transformers", "openai"] = "vllm"
@@ -71,7 +102,7 @@ class GenerationConfig(_Section):
 
     sampling: SamplingConfig = SamplingConfig()
     """Default sampling parameters; a prompt message may override k, temperature,
-    top_p and max_new_tokens."""
+    top_p and max_new_tokens up to the ``prompt_max_*`` limits."""
 
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     """vLLM's memory share. On the CPU it is the share of host memory for the KV cache."""
@@ -207,6 +238,25 @@ class BufferConfig(_Section):
     batch_size: int = Field(32, ge=1)
     """Samples added since the last training round that fill a streaming batch."""
 
+    reward_min: float | None = Field(None, allow_inf_nan=False)
+    """Lowest reward the trainer accepts on a sample; a sample below it is dead-lettered
+    (``reward_out_of_bounds``) and never trained on. None: no lower bound (a reward must
+    be finite all the same)."""
+
+    reward_max: float | None = Field(None, allow_inf_nan=False)
+    """Highest reward the trainer accepts on a sample (e.g. 1.0 for VADER or a
+    probability); a sample above it is dead-lettered. None: no upper bound (finite)."""
+
+    @model_validator(mode="after")
+    def _reward_range_is_a_range(self) -> BufferConfig:
+        low, high = self.reward_min, self.reward_max
+        if low is not None and high is not None and low > high:
+            raise ValueError(
+                f"buffer.reward_min ({low}) must be <= buffer.reward_max ({high}); "
+                "swap them or unset one"
+            )
+        return self
+
     @model_validator(mode="after")
     def _batch_fits(self) -> BufferConfig:
         if self.batch_size > self.capacity:
@@ -340,7 +390,11 @@ class KafkaConfig(_Section):
     """Consumer group of the trainer on the samples topic."""
 
     max_message_bytes: int = Field(1_000_000, ge=1024)
-    """Prompt messages larger than this are dead-lettered."""
+    """Largest message this service reads or writes, in bytes (key and record overhead
+    included); keep it <= the broker's ``message.max.bytes``. A larger prompt is
+    dead-lettered (``too_large``); a sample that would be larger is not sent and its
+    prompt is dead-lettered (``output_too_large``); a dead letter is cut to fit. It is
+    also the producer's ``max_request_size``."""
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     """Kafka security protocol."""
@@ -460,14 +514,15 @@ class RaftConfig(BaseSettings):
 
         ``daemon.liveness_timeout_s`` when set. Otherwise twice the longest step a loop
         may take between two heartbeats: sampling a full poll (``kafka.poll_max_records``
-        prompts x K x ``max_new_tokens`` at ``daemon.min_generation_tokens_per_s``), or
+        prompts x the largest K x the largest ``max_new_tokens`` a prompt may ask for, at
+        ``daemon.min_generation_tokens_per_s``), or
         a reward call (``reward.timeout_s``), or a delivery (``kafka.delivery_timeout_s``),
         whichever is longest; never below 60 s.
         """
         if self.daemon.liveness_timeout_s is not None:
             return self.daemon.liveness_timeout_s
-        sampling = self.generation.sampling
-        tokens = self.kafka.poll_max_records * sampling.k * sampling.max_new_tokens
+        largest = self.generation.sampling.override_maxima()
+        tokens = self.kafka.poll_max_records * largest["k"] * largest["max_new_tokens"]
         longest_step = max(
             tokens / self.daemon.min_generation_tokens_per_s,
             self.reward.timeout_s,

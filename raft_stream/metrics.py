@@ -32,8 +32,8 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import raft_stream
+from raft_stream import reasons as codes
 from raft_stream.generation.engine_process import ENGINE_DEATH_SIGNALS
-from raft_stream.stream.schema import DEAD_LETTER_REASONS as SCHEMA_DEAD_LETTER_REASONS
 from raft_stream.textstats import distinct_n
 
 __all__ = [
@@ -51,22 +51,13 @@ NAMESPACE = "raft_stream"
 ADAPTER_SLOTS = ("current", "previous")
 """Values of the ``adapter`` label: the served version and the one served before it."""
 
-REJECT_REASONS = (
-    "too_short",
-    "too_long",
-    "reward_nonfinite",
-    "below_threshold",
-    "duplicate",
-    "not_selected",
-    "reward_error",
-    "reward_timeout",
-    "other",
-)
-"""``reason`` values of samples_rejected_total (raft_stream.ranking's codes and SafeReward's)."""
+REJECT_REASONS = (*codes.REJECT_REASONS, "other")
+"""``reason`` values of samples_rejected_total: raft_stream.reasons' codes (ranking's and
+SafeReward's), so the two never drift apart."""
 
-DEAD_LETTER_REASONS = (*SCHEMA_DEAD_LETTER_REASONS, "other")
-"""``reason`` values of dead_letter_total: raft_stream.stream.schema's codes (the decoders'
-and the generator's), so the two never drift apart."""
+DEAD_LETTER_REASONS = (*codes.DEAD_LETTER_REASONS, "other")
+"""``reason`` values of dead_letter_total: raft_stream.reasons' codes (the decoders' and the
+roles')."""
 
 TRAINING_FAILURE_REASONS = ("out_of_memory", "nonfinite_loss", "store_failed", "other")
 """``reason`` values of training_failures_total."""

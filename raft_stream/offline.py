@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from raft_stream.config import RaftConfig
+from raft_stream.config import RaftConfig, SamplingConfig
 from raft_stream.data.models import resolve_model
 from raft_stream.data.prompts import read_prompts_jsonl
 from raft_stream.generation.base import Generator, SamplingParams, build_generator
@@ -92,10 +92,12 @@ def evaluate(
     )
 
 
-def _load_prompts(path: Path | None, formatter: PromptFormatter, what: str) -> list[PromptRecord]:
+def _load_prompts(
+    path: Path | None, formatter: PromptFormatter, what: str, sampling: SamplingConfig
+) -> list[PromptRecord]:
     if path is None:
         raise ValueError(f"offline.{what} is required; set it to a JSONL file of prompts")
-    records = read_prompts_jsonl(path)
+    records = read_prompts_jsonl(path, sampling)
     if not records:
         raise ValueError(f"offline.{what} ({path}) holds no prompts")
     return [formatter.format(r) for r in records]
@@ -150,9 +152,11 @@ def run_offline(
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(cfg.model.name_or_path)
     formatter = PromptFormatter.from_model(model_path, cfg.model)
-    train_prompts = _load_prompts(cfg.offline.prompts, formatter, "prompts")
+    train_prompts = _load_prompts(
+        cfg.offline.prompts, formatter, "prompts", cfg.generation.sampling
+    )
     eval_prompts = (
-        _load_prompts(cfg.offline.eval_prompts, formatter, "eval_prompts")
+        _load_prompts(cfg.offline.eval_prompts, formatter, "eval_prompts", cfg.generation.sampling)
         if cfg.offline.eval_prompts
         else []
     )

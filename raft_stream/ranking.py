@@ -12,15 +12,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from raft_stream.config import RankingConfig
+from raft_stream.reasons import BELOW_THRESHOLD, DUPLICATE, NOT_SELECTED, TOO_LONG, TOO_SHORT
+from raft_stream.reasons import REWARD_NONFINITE as NON_FINITE
 from raft_stream.types import Sample
 
-# Reject reason codes, also used as the `reason` label of the rejected-samples metric.
-TOO_SHORT = "too_short"
-TOO_LONG = "too_long"
-NON_FINITE = "reward_nonfinite"
-BELOW_THRESHOLD = "below_threshold"
-DUPLICATE = "duplicate"
-NOT_SELECTED = "not_selected"
+__all__ = [
+    "BELOW_THRESHOLD",
+    "DUPLICATE",
+    "NON_FINITE",
+    "NOT_SELECTED",
+    "TOO_LONG",
+    "TOO_SHORT",
+    "Selection",
+    "select",
+]
 
 
 @dataclass

@@ -180,6 +180,15 @@ def dead_letter_reader(cfg: KafkaConfig) -> TopicReader[DeadLetter]:
     return TopicReader(cfg, cfg.topics.dead_letter, decode_dead_letter)
 
 
+def original_of(letter: DeadLetter, sent: Iterable[bytes | None]) -> bytes | None:
+    """The record a dead letter carries: its value, or, when the envelope had to cut it
+    to fit kafka.max_message_bytes, the sent record it is the start of."""
+    if letter.original_size is None:
+        return letter.value
+    prefix = letter.value or b""
+    return next(v for v in sent if v and len(v) == letter.original_size and v.startswith(prefix))
+
+
 def prompt_ids(samples: Iterable[Sample]) -> set[str]:
     return {s.prompt_id for s in samples}
 

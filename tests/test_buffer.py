@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from raft_stream.buffer import RewardBuffer
+from raft_stream.buffer import RewardBuffer, check_reward, mean_reward
+from raft_stream.errors import MessageError
+from raft_stream.stream.schema import dumps, encode_sample
 from raft_stream.types import Sample
 
 
@@ -66,7 +69,7 @@ def test_a_restart_reloads_the_saved_buffer(tmp_path: Path) -> None:
     buffer.add([make(i, i / 10) for i in range(4)])
     buffer.save()
     reloaded = RewardBuffer(capacity=5, batch_size=2, path=path)
-    assert [s.to_dict() for s in reloaded.snapshot()] == [s.to_dict() for s in buffer.snapshot()]
+    assert reloaded.snapshot() == buffer.snapshot()
 
 
 def test_save_leaves_no_temporary_file(tmp_path: Path) -> None:
@@ -100,3 +103,45 @@ def test_skips_a_redelivered_sample_of_the_same_prompt_response_and_version(
         ("p1", 1),
     ]
     assert reloaded.duplicates == 3
+
+
+def test_mean_reward_of_rewards_near_the_float_limit_does_not_overflow() -> None:
+    # Before: statistics.fmean raised OverflowError in the trainer's loop for these two.
+    buffer = RewardBuffer(capacity=5, batch_size=2)
+    buffer.add([make(0, 1.7e308), make(1, 1.7e308)])
+    assert buffer.mean_reward() == 1.7e308
+    assert mean_reward([make(0, -1.7e308), make(1, 1.7e308), make(2, 3.0)]) == 1.0
+
+
+def test_a_restart_skips_saved_rows_that_do_not_decode_or_are_out_of_range(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.jsonl"
+    good = dumps(encode_sample(make(0, 0.5)))
+    path.write_bytes(
+        b"\n".join(
+            [
+                good,
+                good.replace(b'"reward":0.5', b'"reward":1' + b"0" * 400),
+                good.replace(b'"reward":0.5', b'"reward":1e300'),
+                b'{"prompt_id": "p9"',
+                good.replace(b'"p0"', b'"\\ud800"'),
+                b"",
+            ]
+        )
+    )
+    reloaded = RewardBuffer(capacity=5, batch_size=2, path=path, reward_max=1.0)
+    assert [(s.prompt_id, s.reward) for s in reloaded.snapshot()] == [("p0", 0.5)]
+    assert reloaded.refused == 4
+
+
+def test_raises_error_when_a_reward_is_outside_the_configured_bounds() -> None:
+    buffer = RewardBuffer(capacity=5, batch_size=2, reward_min=-1.0, reward_max=1.0)
+    with pytest.raises(MessageError, match=r"reward 1e\+300 is outside .*\(-1\.0\.\.1\.0\)"):
+        buffer.check(make(0, 1e300))
+    assert check_reward(1.0, -1.0, 1.0) == 1.0
+    with pytest.raises(MessageError, match="not a finite number") as caught:
+        check_reward(math.inf, None, None)
+    assert caught.value.reason == "reward_out_of_bounds"
+    assert buffer.add([make(0, 1e300), make(1, -2.0), make(2, 0.5)]) == []
+    assert [s.prompt_id for s in buffer.snapshot()] == ["p2"] and buffer.refused == 2

@@ -88,3 +88,13 @@ def test_the_liveness_window_is_derived_from_the_configured_work() -> None:
     assert slow_reward.liveness_window_s == 600.0
     fixed = load_config(overrides={"daemon.liveness_timeout_s": 90})
     assert fixed.liveness_window_s == 90.0
+
+
+def test_raises_error_when_reward_min_is_above_reward_max() -> None:
+    with pytest.raises(ConfigError, match=r"buffer\.reward_min \(1\.0\) must be <= buffer\.rew"):
+        load_config(overrides={"buffer.reward_min": 1.0, "buffer.reward_max": -1.0})
+
+
+def test_raises_error_when_a_reward_bound_is_not_finite() -> None:
+    with pytest.raises(ConfigError, match=r"buffer\.reward_max: Input should be a finite number"):
+        load_config(overrides={"buffer.reward_max": "inf"})

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from raft_stream.config import SamplingConfig
 from raft_stream.data.prompts import read_prompts_jsonl, write_prompts_jsonl
 from raft_stream.data.reviews import demo_prompts, load_snippets, split_snippets
 from raft_stream.types import PromptRecord
@@ -42,15 +43,41 @@ def test_prompt_file_raises_on_bad_json_with_file_and_line(tmp_path: Path) -> No
 def test_prompt_file_raises_on_missing_prompt_with_line(tmp_path: Path) -> None:
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"id": "a", "prompt": "ok"}\n\n{"id": "c", "text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"line 3: unknown keys \['text'\]"):
+    with pytest.raises(ValueError, match=r"line 3: missing_prompt: the prompt field is required"):
         read_prompts_jsonl(path)
 
 
-def test_prompt_file_raises_on_empty_prompt(tmp_path: Path) -> None:
+@pytest.mark.parametrize("prompt", ["", "  \\t "])
+def test_prompt_file_raises_on_empty_prompt(tmp_path: Path, prompt: str) -> None:
     path = tmp_path / "prompts.jsonl"
-    path.write_text('{"id": "a", "prompt": ""}\n')
-    with pytest.raises(ValueError, match=r'line 1: "prompt" must be a non-empty string'):
+    path.write_text(f'{{"id": "a", "prompt": "{prompt}"}}\n')
+    with pytest.raises(ValueError, match=r"line 1: empty_prompt: the prompt is empty"):
         read_prompts_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"id": "a", "prompt": "hi", "sampling": {"k": 256}}', "override_out_of_bounds"),
+        ('{"id": "\\ud800", "prompt": "hi"}', "bad_text"),
+        ('{"id": "a", "prompt": "hi", "sampling": {"temperature": 1' + "0" * 400 + "}}", ""),
+    ],
+)
+def test_prompt_file_applies_the_prompts_topic_rules(
+    tmp_path: Path, line: str, reason: str
+) -> None:
+    # One decoder for both: a line is valid exactly when the same bytes are a valid message.
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=f"line 1: {reason or 'number_out_of_range'}"):
+        read_prompts_jsonl(path)
+
+
+def test_prompt_file_takes_overrides_within_the_configured_limits(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "hi", "sampling": {"k": 16}, "note": "ignored"}\n')
+    records = read_prompts_jsonl(path, SamplingConfig(k=8, prompt_max_k=16))
+    assert [(r.id, r.sampling) for r in records] == [("prompts.jsonl:1", {"k": 16})]
 
 
 def test_snippets_load_all_rows_with_ratings_in_range() -> None:

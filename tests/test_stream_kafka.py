@@ -14,6 +14,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from raft_stream.config import KafkaConfig
+from raft_stream.errors import MessageError
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import (
     DeadLetterWriter,
@@ -28,6 +29,7 @@ from raft_stream.stream.kafka import (
     sample_consumer,
 )
 from raft_stream.stream.schema import (
+    RECORD_OVERHEAD_BYTES,
     AdapterAnnouncement,
     DeadLetter,
     decode_dead_letter,
@@ -35,6 +37,7 @@ from raft_stream.stream.schema import (
     encode_sample,
 )
 from raft_stream.types import AdapterVersion, Sample
+from tests.roles_support import original_of
 
 pytestmark = pytest.mark.kafka
 
@@ -157,11 +160,30 @@ def test_malformed_prompts_are_dead_lettered_with_exact_bytes_and_reasons(
         cfg, cfg.topics.dead_letter, lambda value, _: decode_dead_letter(value), group_id=None
     ) as reader:
         envelopes: list[DeadLetter] = [r.value for r in _poll_until(reader, len(malformed)).records]
-    assert {e.value: e.reason for e in envelopes} == malformed
+    # The 2000-byte original does not fit a 1 KiB envelope: it is cut, its size kept.
+    assert {original_of(e, malformed): e.reason for e in envelopes} == malformed
+    assert [e.cut for e in envelopes if e.cut] == [("original",)]
     assert all(e.headers == tuple(headers) and e.key is not None for e in envelopes)
     assert {(e.topic, e.partition, e.offset, e.key) for e in envelopes} == {
         (d.topic, d.partition, d.offset, d.key) for d in batch.dead
     }
+
+
+def test_a_record_over_the_message_limit_is_refused_before_the_client_sees_it(
+    kafka_config: MakeConfig,
+) -> None:
+    # kafka-python refuses a record over max_request_size for good (a non-retriable
+    # MessageSizeTooLargeError that ended a role): it is given kafka.max_message_bytes, and
+    # the producer checks that limit first, with a reason the roles dead-letter.
+    cfg = kafka_config(max_message_bytes=2048)
+    ensure_topics(cfg, [cfg.topics.samples])
+    with StreamProducer(cfg) as producer:
+        largest = 2048 - RECORD_OVERHEAD_BYTES - 1
+        future = producer.send_bytes(cfg.topics.samples, b"x" * largest, key=b"k")
+        assert producer.wait_all([future], timeout_s=10) == 1
+        with pytest.raises(MessageError, match=r"over kafka\.max_message_bytes \(2048\)") as caught:
+            producer.send_bytes(cfg.topics.samples, b"x" * largest, key=b"kk")
+    assert caught.value.reason == "output_too_large"
 
 
 def test_trainer_reads_samples_and_generators_read_every_adapter(

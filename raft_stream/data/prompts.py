@@ -1,7 +1,10 @@
-"""Prompt files: JSON Lines, one ``{"id", "prompt", optional "metadata"}`` per line.
+"""Prompt files: JSON Lines, one prompt message per line, read by the prompts topic's own
+decoder (``raft_stream.stream.schema.decode_prompt``), so a line is valid exactly when the
+same bytes would be a valid message on the prompts topic.
 
-``id`` is a string (an integer is accepted and kept as its decimal string); an optional
-``sampling`` object carries per-prompt overrides, as on the prompts topic.
+``id`` is a string (an integer is accepted and kept as its decimal string; a line without
+one gets ``<file name>:<line number>``); an optional ``sampling`` object carries
+per-prompt overrides within the configured limits, as on the prompts topic.
 
 Example line::
 
@@ -10,67 +13,45 @@ Example line::
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
+from raft_stream.config import SamplingConfig
+from raft_stream.errors import MessageError
+from raft_stream.stream.schema import MAX_MESSAGE_BYTES, decode_prompt, dumps, encode_prompt
 from raft_stream.types import PromptRecord
 
 __all__ = ["read_prompts_jsonl", "write_prompts_jsonl"]
 
 
-def _record(data: Any) -> PromptRecord:
-    """One parsed line as a record; ValueError says what is wrong with it."""
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    unknown = set(data) - {"id", "prompt", "metadata", "sampling"}
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)}; allowed: id, prompt, metadata, sampling")
-    ident = data.get("id")
-    if isinstance(ident, int) and not isinstance(ident, bool):
-        ident = str(ident)
-    if not isinstance(ident, str) or not ident:
-        raise ValueError(f'"id" must be a non-empty string or an integer, got {ident!r}')
-    prompt = data.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f'"prompt" must be a non-empty string, got {prompt!r}')
-    for key in ("metadata", "sampling"):
-        if not isinstance(data.get(key, {}), dict):
-            raise ValueError(f'"{key}" must be an object, got {type(data[key]).__name__}')
-    return PromptRecord(
-        id=ident,
-        prompt=prompt,
-        metadata=data.get("metadata", {}),
-        sampling=data.get("sampling", {}),
-    )
+def read_prompts_jsonl(
+    path: str | os.PathLike[str],
+    sampling: SamplingConfig | None = None,
+    max_line_bytes: int = MAX_MESSAGE_BYTES,
+) -> list[PromptRecord]:
+    """Read a prompt file; blank lines are skipped. ``sampling`` bounds the overrides
+    (the run's ``generation.sampling``; default: its defaults).
 
-
-def read_prompts_jsonl(path: str | os.PathLike[str]) -> list[PromptRecord]:
-    """Read a prompt file; blank lines are skipped.
-
-    Raises ValueError naming the file and the 1-based line number of the first bad line.
+    Raises ValueError naming the file, the 1-based line number of the first bad line and
+    the prompts topic's reason (e.g. ``empty_prompt``).
     """
+    limits = sampling or SamplingConfig()
+    name = Path(path).name
     records = []
-    with Path(path).open(encoding="utf-8") as lines:
+    with Path(path).open("rb") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
-                records.append(_record(json.loads(line)))
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                records.append(decode_prompt(line, max_line_bytes, f"{name}:{number}", limits))
+            except MessageError as exc:
                 raise ValueError(f"{path}, line {number}: {exc}") from exc
     return records
 
 
 def write_prompts_jsonl(records: Iterable[PromptRecord], path: str | os.PathLike[str]) -> None:
     """Write records as a prompt file that ``read_prompts_jsonl`` reads back unchanged."""
-    with Path(path).open("w", encoding="utf-8") as out:
+    with Path(path).open("wb") as out:
         for record in records:
-            line: dict[str, Any] = {"id": record.id, "prompt": record.prompt}
-            if record.metadata:
-                line["metadata"] = record.metadata
-            if record.sampling:
-                line["sampling"] = record.sampling
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out.write(dumps(encode_prompt(record)) + b"\n")

@@ -29,16 +29,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from raft_stream.reasons import REWARD_ERROR, REWARD_NONFINITE, REWARD_REASONS, REWARD_TIMEOUT
 from raft_stream.rewards.base import RewardFunction, as_rewards, check_pairs
 from raft_stream.rewards.isolated import RewardPool
 
 log = logging.getLogger(__name__)
 
-REWARD_ERROR = "reward_error"
-REWARD_TIMEOUT = "reward_timeout"
-REWARD_NONFINITE = "reward_nonfinite"
-REJECT_REASONS = (REWARD_ERROR, REWARD_TIMEOUT, REWARD_NONFINITE)
-"""Every reason SafeReward gives: a fixed set, so metrics can use it as a bounded label."""
+REJECT_REASONS = REWARD_REASONS
+"""Every reason SafeReward gives (``raft_stream.reasons``): a bounded metric label."""
 
 
 @dataclass(frozen=True)

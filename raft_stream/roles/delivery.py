@@ -4,6 +4,8 @@ crashing, and connect to a broker that may not be up yet.
 The rule they serve: an offset is committed only after what was made from its record is
 acknowledged (or stored). So a send that fails is retried, never skipped, and a commit that
 fails is only logged: the next commit covers the same offsets, or the records are redone.
+And one record never stops a role: ``each_record`` dead-letters a record whose handling
+fails, so it is committed and not redone in a crash loop.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Generic, TypeVar
 from kafka.errors import KafkaError
 
 from raft_stream.config import KafkaConfig
+from raft_stream.errors import MessageError
 from raft_stream.metrics import RaftMetrics
 from raft_stream.roles.lifecycle import Backoff, Shutdown
 from raft_stream.stream.kafka import (
@@ -23,15 +26,19 @@ from raft_stream.stream.kafka import (
     DeadLetterWriter,
     DeliveryError,
     JsonConsumer,
+    Received,
     StreamProducer,
     TopicPartition,
     ensure_topics,
 )
+from raft_stream.stream.schema import INTERNAL_ERROR, DeadLetter
 
 __all__ = [
     "StreamClients",
     "commit_quietly",
     "connect",
+    "each_record",
+    "error_summary",
     "open_clients",
     "until_delivered",
 ]
@@ -39,6 +46,43 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_SUMMARY_CHARS = 300
+"""Longest exception summary in an ``internal_error`` dead letter."""
+
+
+def error_summary(err: BaseException) -> str:
+    """``ExceptionType: message``, cut to MAX_SUMMARY_CHARS, for a dead letter's detail."""
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
+
+
+def each_record(
+    records: Iterable[Received[T]], step: Callable[[Received[T]], R], what: str
+) -> tuple[list[tuple[Received[T], R]], list[DeadLetter]]:
+    """Run ``step`` on each record alone: (record, result) pairs, and dead letters for the
+    records it failed on.
+
+    A MessageError dead-letters the record with its own reason; any other exception (a
+    bug that this one record triggers) with ``internal_error`` and a short summary, and is
+    logged with its traceback. Put only per-record work in ``step``: an error of the whole
+    batch (the engine died) must end the role so that a supervisor restarts it.
+    """
+    done: list[tuple[Received[T], R]] = []
+    dead: list[DeadLetter] = []
+    for record in records:
+        try:
+            done.append((record, step(record)))
+        except MessageError as err:
+            dead.append(record.dead_letter(err.reason, err.detail))
+        except Exception as err:
+            log.exception(
+                "handling one record failed; dead-lettering it",
+                extra={"what": what, "topic": record.topic, "offset": record.offset},
+            )
+            dead.append(record.dead_letter(INTERNAL_ERROR, f"{what}: {error_summary(err)}"))
+    return done, dead
 
 
 def until_delivered(

@@ -5,9 +5,15 @@ One synchronous loop, so memory is bounded by one batch whatever the prompt rate
 1. poll a batch (at most ``kafka.poll_max_records`` prompts; bad messages come back as
    dead letters);
 2. sample, score and rank it with the adapter being served (RaftSampler);
-3. send its samples (and dead letters) and block until the broker acknowledged them all,
+3. encode each prompt's samples; a prompt whose sample would exceed
+   ``kafka.max_message_bytes`` is dead-lettered (``output_too_large``);
+4. send its samples (and dead letters) and block until the broker acknowledged them all,
    retrying with backoff through an outage without generating again;
-4. only then commit the batch's offsets (dead-lettered ones included).
+5. only then commit the batch's offsets (dead-lettered ones included).
+
+A step that fails for one prompt (formatting, encoding: a bug that prompt triggers)
+dead-letters that prompt (``internal_error``) and the batch goes on; a failure of the
+engine itself ends the role (EngineFailure), for its supervisor to restart.
 
 Between batches it follows the adapters topic: a newer version is fetched, its checksum
 verified and loaded into the engine, and the next batch uses it (so the batch in flight
@@ -20,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, RaftStreamError
@@ -43,11 +49,24 @@ from raft_stream.roles.adapters import (
     fetch_adapter,
     stored_announcement,
 )
-from raft_stream.roles.delivery import StreamClients, commit_quietly, open_clients, until_delivered
+from raft_stream.roles.delivery import (
+    StreamClients,
+    commit_quietly,
+    each_record,
+    open_clients,
+    until_delivered,
+)
 from raft_stream.roles.lifecycle import Shutdown, noop
-from raft_stream.stream.kafka import PollBatch, PromptConsumer
-from raft_stream.stream.schema import GENERATION_FAILED, AdapterAnnouncement, encode_sample
-from raft_stream.types import AdapterVersion, PromptRecord
+from raft_stream.stream.kafka import PollBatch, PromptConsumer, Received
+from raft_stream.stream.schema import (
+    GENERATION_FAILED,
+    AdapterAnnouncement,
+    DeadLetter,
+    check_output_size,
+    dumps,
+    encode_sample,
+)
+from raft_stream.types import AdapterVersion, PromptRecord, Sample
 
 __all__ = ["EngineFailure", "GeneratorRole"]
 
@@ -126,7 +145,7 @@ class GeneratorRole:
         clients = open_clients(
             self.cfg.kafka,
             [topics.prompts, topics.samples, topics.adapters, topics.dead_letter],
-            PromptConsumer,
+            lambda kafka: PromptConsumer(kafka, self.cfg.generation.sampling),
             self.metrics.count_dead_letter,
             self.shutdown,
             self.beat,
@@ -167,22 +186,27 @@ class GeneratorRole:
         """Generate, deliver, then commit one batch (nothing is committed on shutdown
         during an outage: the batch is redone by whoever consumes it next)."""
         self.metrics.prompts_consumed_total.inc(len(batch))
-        scored, failed = self._sample([self.formatter.format(r.value) for r in batch.records])
-        letters = [*batch.dead]
+        formatted, unformatted = each_record(
+            batch.records, lambda r: self.formatter.format(r.value), "formatting the prompt"
+        )
+        letters = [*batch.dead, *unformatted]
+        scored, failed = self._sample([prompt for _, prompt in formatted])
         for index, error in failed:
-            letters.append(batch.records[index].dead_letter(GENERATION_FAILED, error))
+            letters.append(formatted[index][0].dead_letter(GENERATION_FAILED, error))
         samples = scored.selection.kept
         if self.cfg.kafka.publish_rejected:
             samples = samples + scored.selection.rejected
-        messages = [(s.prompt_id, encode_sample(s)) for s in samples]
+        messages, unsendable = self._encode(samples, [record for record, _ in formatted])
+        letters += unsendable
         letters_sent = False
+        producer, topic = clients.producer, self.cfg.kafka.topics.samples
 
         def send(timeout_s: float) -> None:
             nonlocal letters_sent
             if not letters_sent:  # a retry must not count the dead letters twice
                 clients.dead_letters.write(letters, timeout_s)
                 letters_sent = True
-            clients.producer.send_and_wait(self.cfg.kafka.topics.samples, messages, timeout_s)
+            producer.wait_all((producer.send_bytes(topic, v, k) for k, v in messages), timeout_s)
 
         kafka = self.cfg.kafka
         if not until_delivered(
@@ -192,6 +216,34 @@ class GeneratorRole:
         commit_quietly(clients.consumer, batch.last_offsets(), "prompts", self.metrics)
         self.batches += 1
         self._observe(scored)
+
+    def _encode(
+        self, samples: list[Sample], records: Sequence[Received[PromptRecord]]
+    ) -> tuple[list[tuple[bytes, bytes]], list[DeadLetter]]:
+        """Each prompt's samples as (key, value) records, all or none: a prompt with a
+        sample over ``kafka.max_message_bytes`` is dead-lettered (``output_too_large``),
+        as is one whose samples cannot be encoded (``internal_error``)."""
+        by_prompt: dict[str, list[Sample]] = defaultdict(list)
+        for sample in samples:
+            by_prompt[sample.prompt_id].append(sample)
+        limit = self.cfg.kafka.max_message_bytes
+
+        def encode(record: Received[PromptRecord]) -> list[tuple[bytes, bytes]]:
+            pairs = []
+            for sample in by_prompt.get(record.value.id, []):
+                key, value = sample.prompt_id.encode(), dumps(encode_sample(sample))
+                check_output_size(value, key, limit, "sample")
+                pairs.append((key, value))
+            return pairs
+
+        encoded, letters = each_record(records, encode, "encoding its samples")
+        messages: list[tuple[bytes, bytes]] = []
+        sent: set[str] = set()
+        for record, pairs in encoded:
+            if record.value.id not in sent:  # two records of one id share their samples
+                sent.add(record.value.id)
+                messages += pairs
+        return messages, letters
 
     # -- sampling --------------------------------------------------------------------------
 

@@ -11,6 +11,11 @@ the loop (the only user of the Kafka consumer):
 3. announces the version on the adapters topic (a crash before this is healed at the next
    start, which announces the latest version again).
 
+The trainer does not trust the ``reward`` a sample carries: a kept sample whose reward is
+missing, non-finite or outside ``buffer.reward_min..reward_max`` is dead-lettered
+(``reward_out_of_bounds``) and never trained on; one whose handling fails otherwise is
+dead-lettered as ``internal_error``, and the loop goes on.
+
 A failed round (exception, non-finite loss, full disk) is counted and logged; its samples
 stay in the buffer, the next try waits with backoff, and the model is reloaded from the
 last good version, so generators keep serving that one. Memory is bounded by the buffer's
@@ -20,7 +25,6 @@ capacity (the lowest reward is evicted).
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -28,15 +32,21 @@ from pathlib import Path
 
 import torch
 
-from raft_stream.buffer import RewardBuffer
+from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, NonFiniteLossError, TrainingError
 from raft_stream.metrics import RaftMetrics
 from raft_stream.roles.adapters import adapter_store_root, announce
 from raft_stream.roles.cpu_split import pin_this_thread
-from raft_stream.roles.delivery import StreamClients, commit_quietly, open_clients, until_delivered
+from raft_stream.roles.delivery import (
+    StreamClients,
+    commit_quietly,
+    each_record,
+    open_clients,
+    until_delivered,
+)
 from raft_stream.roles.lifecycle import Backoff, Shutdown, noop
-from raft_stream.stream.kafka import PollBatch, TopicPartition, sample_consumer
+from raft_stream.stream.kafka import PollBatch, Received, TopicPartition, sample_consumer
 from raft_stream.training.lora_trainer import LoRATrainer, TrainResult
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
@@ -120,7 +130,11 @@ class TrainerRole:
         for stale in state_dir.glob(f".{BUFFER_FILE}.*.tmp"):
             stale.unlink(missing_ok=True)
         self.buffer = RewardBuffer(
-            cfg.buffer.capacity, cfg.buffer.batch_size, state_dir / BUFFER_FILE
+            cfg.buffer.capacity,
+            cfg.buffer.batch_size,
+            state_dir / BUFFER_FILE,
+            reward_min=cfg.buffer.reward_min,
+            reward_max=cfg.buffer.reward_max,
         )
         self.ready = False
         self.rounds = 0
@@ -184,9 +198,12 @@ class TrainerRole:
             log.info("trainer stopped", extra={"rounds": self.rounds, "failures": self.failures})
 
     def _take(self, batch: PollBatch[Sample], clients: StreamClients[Sample]) -> None:
-        """Buffer the kept samples of a poll (rejected ones are only for observers)."""
-        if batch.dead and not until_delivered(
-            lambda timeout_s: clients.dead_letters.write(batch.dead, timeout_s),
+        """Buffer the kept samples of a poll (rejected ones are only for observers); a
+        kept sample the buffer refuses, or whose handling fails, is dead-lettered."""
+        admitted, refused = each_record(batch.records, self._admit, "admitting the sample")
+        letters = [*batch.dead, *refused]
+        if letters and not until_delivered(
+            lambda timeout_s: clients.dead_letters.write(letters, timeout_s),
             self.cfg.kafka.delivery_timeout_s,
             self.shutdown,
             self.beat,
@@ -195,13 +212,21 @@ class TrainerRole:
         ):
             self._may_commit = False  # their offsets must not be committed
             return
-        kept = [r.value for r in batch.records if r.value.reject_reason is None]
+        kept = [sample for _, sample in admitted if sample is not None]
         dropped = self.buffer.add(kept)
         if dropped:
             log.debug("buffer full: lowest rewards evicted", extra={"evicted": len(dropped)})
         for tp, offset in batch.last_offsets().items():
             self._consumed[tp] = max(offset, self._consumed.get(tp, -1))
         self._observe_buffer()
+
+    def _admit(self, record: Received[Sample]) -> Sample | None:
+        """The sample to buffer; None for a rejected one (published for observers).
+        Raises MessageError (``reward_out_of_bounds``) for a reward the buffer refuses."""
+        sample = record.value
+        if sample.reject_reason is not None:
+            return None
+        return self.buffer.check(sample)
 
     def _maybe_start_round(self) -> None:
         if (
@@ -286,7 +311,7 @@ class TrainerRole:
         self.metrics.buffer_samples.set(len(held))
         self.metrics.buffer_capacity.set(self.buffer.capacity)
         if held:
-            self.metrics.kept_reward_mean.set(statistics.fmean(s.reward or 0.0 for s in held))
+            self.metrics.kept_reward_mean.set(mean_reward(held))
 
     # -- training (background thread) -----------------------------------------------------
 
@@ -296,14 +321,13 @@ class TrainerRole:
         trainer = self._trainer or self._load_trainer()
         self._trainer = trainer
         result = trainer.train(samples)
-        rewards = [s.reward for s in samples if s.reward is not None]
         try:
             adapter = self.store.write(
                 trainer.save,
                 metrics={
                     "loss": result.loss,
                     "samples": float(len(samples)),
-                    "reward_mean": statistics.fmean(rewards) if rewards else 0.0,
+                    "reward_mean": mean_reward(samples),
                     "train_tokens_per_s": result.tokens_per_s,
                 },
             )

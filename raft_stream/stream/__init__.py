@@ -29,7 +29,9 @@ from raft_stream.stream.schema import (
     decode_sample,
     encode_adapter,
     encode_dead_letter,
+    encode_prompt,
     encode_sample,
+    fit_dead_letter,
 )
 from raft_stream.stream.tools import produce_file, tail
 
@@ -55,8 +57,10 @@ __all__ = [
     "decode_sample",
     "encode_adapter",
     "encode_dead_letter",
+    "encode_prompt",
     "encode_sample",
     "ensure_topics",
+    "fit_dead_letter",
     "kafka_client_kwargs",
     "produce_file",
     "run_broker",

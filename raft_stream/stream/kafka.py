@@ -23,17 +23,19 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
-from raft_stream.config import KafkaConfig
+from raft_stream.config import KafkaConfig, SamplingConfig
 from raft_stream.errors import ConfigError, MessageError, RaftStreamError
 from raft_stream.stream.schema import (
-    MAX_DEAD_LETTER_ORIGINAL_BYTES,
+    INTERNAL_ERROR,
     AdapterAnnouncement,
     DeadLetter,
+    check_output_size,
     decode_adapter,
     decode_prompt,
     decode_sample,
     dumps,
     encode_dead_letter,
+    fit_dead_letter,
 )
 from raft_stream.types import PromptRecord, Sample
 
@@ -275,11 +277,14 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
                 where = f"{rec.topic}/{rec.partition}/{rec.offset}"
                 try:
                     value = self._decode(b"" if rec.value is None else rec.value, where)
-                except MessageError as err:
+                except Exception as err:
+                    # MessageError; anything else is a decoder bug this record triggers
+                    # (the decoders are total, tests/test_records_fuzz.py): never fatal.
+                    reason, detail = _reason_of(err)
                     dead.append(
                         DeadLetter(
-                            reason=err.reason,
-                            detail=err.detail,
+                            reason=reason,
+                            detail=detail,
                             topic=rec.topic,
                             partition=rec.partition,
                             offset=rec.offset,
@@ -353,19 +358,29 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         self._consumer.close(autocommit=False)
 
 
+def _reason_of(err: Exception) -> tuple[str, str]:
+    """(reason, detail) of a record the decoder refused or failed on."""
+    if isinstance(err, MessageError):
+        return err.reason, err.detail
+    log.error("decoder failed on a record; dead-lettering it", exc_info=err)
+    return INTERNAL_ERROR, f"decoding: {type(err).__name__}: {err!s:.300}"
+
+
 class PromptConsumer(JsonConsumer[PromptRecord]):
     """The generators' consumer of the prompts topic, in group ``cfg.generator_group``.
 
     One poll returns at most ``cfg.poll_max_records`` prompts (a generation batch). A
-    prompt without an id gets ``topic/partition/offset``.
+    prompt without an id gets ``topic/partition/offset``; its sampling overrides must
+    stay within ``sampling``'s ranges and per-prompt maxima.
     """
 
-    def __init__(self, cfg: KafkaConfig) -> None:
+    def __init__(self, cfg: KafkaConfig, sampling: SamplingConfig | None = None) -> None:
         max_bytes = cfg.max_message_bytes
+        limits = sampling or SamplingConfig()
         super().__init__(
             cfg,
             cfg.topics.prompts,
-            lambda value, where: decode_prompt(value, max_bytes, fallback_id=where),
+            lambda value, where: decode_prompt(value, max_bytes, where, limits),
             group_id=cfg.generator_group,
             max_poll_records=cfg.poll_max_records,
         )
@@ -373,15 +388,20 @@ class PromptConsumer(JsonConsumer[PromptRecord]):
 
 def sample_consumer(cfg: KafkaConfig) -> JsonConsumer[Sample]:
     """The trainer's consumer of the samples topic, in group ``cfg.trainer_group``."""
+    max_bytes = cfg.max_message_bytes
     return JsonConsumer(
-        cfg, cfg.topics.samples, lambda value, _: decode_sample(value), group_id=cfg.trainer_group
+        cfg,
+        cfg.topics.samples,
+        lambda value, _: decode_sample(value, max_bytes),
+        group_id=cfg.trainer_group,
     )
 
 
 def adapter_reader(cfg: KafkaConfig) -> JsonConsumer[AdapterAnnouncement]:
     """A generator's reader of every adapter announcement from the beginning (no group)."""
+    max_bytes = cfg.max_message_bytes
     return JsonConsumer(
-        cfg, cfg.topics.adapters, lambda value, _: decode_adapter(value), group_id=None
+        cfg, cfg.topics.adapters, lambda value, _: decode_adapter(value, max_bytes), group_id=None
     )
 
 
@@ -439,13 +459,15 @@ class StreamProducer(_ClosedOnExit):
 
     A record not acknowledged within ``delivery_timeout_s`` fails its future (it may
     still have been written). Records of one key keep their order unless a send is
-    retried; raft-stream's consumers do not depend on order.
+    retried; raft-stream's consumers do not depend on order. Records are bounded by
+    ``cfg.max_message_bytes``, which is also the client's ``max_request_size``.
     """
 
     def __init__(
         self, cfg: KafkaConfig, *, delivery_timeout_s: float = 30.0, linger_ms: int = 5
     ) -> None:
         delivery_ms = int(delivery_timeout_s * 1000)
+        self.max_message_bytes = cfg.max_message_bytes
         self._producer = KafkaProducer(
             **kafka_client_kwargs(cfg),
             acks="all",
@@ -460,12 +482,20 @@ class StreamProducer(_ClosedOnExit):
             request_timeout_ms=max(500, delivery_ms // 2),
             # send() waits for metadata or buffer space no longer than a delivery may take.
             max_block_ms=delivery_ms,
+            max_request_size=cfg.max_message_bytes,
         )
 
     def send_bytes(self, topic: str, value: bytes, key: Key = None) -> FutureRecordMetadata:
-        """Queue one record as it is; the future resolves when the broker acknowledges."""
+        """Queue one record as it is; the future resolves when the broker acknowledges.
+
+        Raises MessageError (``output_too_large``) for a record over
+        ``kafka.max_message_bytes`` before it reaches the client, which would refuse it
+        for good (callers that produce from input check with ``check_output_size`` first).
+        """
+        key_bytes = _key_bytes(key)
+        check_output_size(value, key_bytes, self.max_message_bytes, f"record for {topic}")
         try:
-            return self._producer.send(topic, value=value, key=_key_bytes(key))
+            return self._producer.send(topic, value=value, key=key_bytes)
         except KafkaError as exc:
             raise DeliveryError(f"send to {topic} failed: {exc}", retriable=exc.retriable) from exc
 
@@ -504,7 +534,9 @@ class DeadLetterWriter:
     """Sends dead letters to the dead-letter topic, logs each, and reports each reason.
 
     ``on_dead_letter(reason)`` runs once per acknowledged envelope, e.g.
-    ``lambda reason: DEAD_LETTERS.labels(reason=reason).inc()``.
+    ``lambda reason: DEAD_LETTERS.labels(reason=reason).inc()``. Each envelope is cut to
+    the producer's ``max_message_bytes`` (``fit_dead_letter``), so a dead letter can
+    always be sent, whatever the record it carries.
     """
 
     def __init__(
@@ -512,24 +544,21 @@ class DeadLetterWriter:
         producer: StreamProducer,
         topic: str,
         on_dead_letter: Callable[[str], None] | None = None,
-        max_original_bytes: int = MAX_DEAD_LETTER_ORIGINAL_BYTES,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._on_dead_letter = on_dead_letter
-        self._max_original_bytes = max_original_bytes
 
     def write(self, letters: Sequence[DeadLetter], timeout_s: float = 30.0) -> None:
         """Send the envelopes and block until all are acknowledged (or DeliveryError);
         only then may the offsets of the original records be committed."""
         if not letters:
             return
+        fitted = [fit_dead_letter(d, self._producer.max_message_bytes) for d in letters]
         self._producer.send_and_wait(
-            self._topic,
-            ((d.key, encode_dead_letter(d, self._max_original_bytes)) for d in letters),
-            timeout_s,
+            self._topic, ((d.key, encode_dead_letter(d)) for d in fitted), timeout_s
         )
-        for letter in letters:
+        for letter in fitted:
             log.warning(
                 "dead-lettered %s/%d/%d: %s (%s)",
                 letter.topic,

@@ -1,9 +1,22 @@
-"""Versioned JSON messages on the raft-stream topics, and their strict decoders.
+"""Every record raft-stream reads or writes, one codec each, with total decoders.
 
-Every message is a UTF-8 JSON object with ``"schema_version": 1`` (a prompt without it
-counts as version 1). Decoders raise :class:`~raft_stream.errors.MessageError` whose
-``reason`` is one of :data:`REASONS`, a fixed set, so it can be a metric label.
-Unknown top-level keys are ignored, so producers can add fields without breaking readers.
+Records: a prompt (with its sampling overrides; the prompts topic and prompt files), a
+sample (the samples topic and the trainer's ``buffer.jsonl``, row for row the same JSON),
+an adapter announcement (the adapters topic) and a dead letter (the dead-letter topic).
+
+Every message is a UTF-8 JSON object with ``"schema_version": 1`` (a message without it
+counts as version 1). Unknown top-level keys are ignored, so producers can add fields
+without breaking readers.
+
+Decoders are total: for any bytes they return a record or raise
+:class:`~raft_stream.errors.MessageError`, nothing else. Its ``reason`` is one of
+:data:`REASONS` (``raft_stream.reasons.DECODE_REASONS``), a fixed set, so it can be a
+metric label; :data:`DEAD_LETTER_REASONS` adds the reasons the roles give to records they
+could decode but not use. Beyond the
+fields' own rules every decoder refuses, anywhere in a message: more bytes than the
+configured limit, nesting deeper than :data:`MAX_DEPTH`, text with a lone surrogate or
+NUL (it could not be encoded again, or is cut by C code), and numbers outside a 64-bit
+integer or float (they overflow where they are used).
 
 Example:
     >>> decode_prompt(b'{"id": "p1", "prompt": "Hi", "sampling": {"k": 4}}', 1_000_000)
@@ -16,22 +29,44 @@ import base64
 import hashlib
 import json
 import math
+import re
+import reprlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass, field, replace
+from functools import cache
+from typing import Annotated, Any, Final
 
+from pydantic import Strict, TypeAdapter, ValidationError
+
+from raft_stream.config import KafkaConfig, SamplingConfig
 from raft_stream.errors import MessageError
+from raft_stream.reasons import (
+    DEAD_LETTER_REASONS,
+    GENERATION_FAILED,
+    INTERNAL_ERROR,
+    OUTPUT_TOO_LARGE,
+    OVERRIDE_OUT_OF_BOUNDS,
+    REWARD_OUT_OF_BOUNDS,
+)
+from raft_stream.reasons import DECODE_REASONS as REASONS
 from raft_stream.types import AdapterVersion, PromptRecord, Sample
 
 __all__ = [
     "DEAD_LETTER_REASONS",
     "GENERATION_FAILED",
-    "MAX_DEAD_LETTER_ORIGINAL_BYTES",
+    "INTERNAL_ERROR",
+    "MAX_DEPTH",
+    "MAX_MESSAGE_BYTES",
+    "OUTPUT_TOO_LARGE",
+    "OVERRIDE_OUT_OF_BOUNDS",
     "REASONS",
+    "RECORD_OVERHEAD_BYTES",
+    "REWARD_OUT_OF_BOUNDS",
     "SCHEMA_VERSION",
     "AdapterAnnouncement",
     "DeadLetter",
+    "check_output_size",
     "decode_adapter",
     "decode_dead_letter",
     "decode_prompt",
@@ -39,52 +74,52 @@ __all__ = [
     "dumps",
     "encode_adapter",
     "encode_dead_letter",
+    "encode_prompt",
     "encode_sample",
+    "fit_dead_letter",
+    "show",
 ]
 
 SCHEMA_VERSION: Final = 1
 
-REASONS: Final = (
-    "too_large",
-    "not_utf8",
-    "not_json",
-    "not_object",
-    "unknown_schema_version",
-    "missing_prompt",
-    "empty_prompt",
-    "missing_field",
-    "bad_field_type",
-)
-"""Every dead-letter reason a decoder can give (``missing_field``: samples and adapters)."""
+# -- limits ------------------------------------------------------------------------------
 
-GENERATION_FAILED: Final = "generation_failed"
-"""Dead-letter reason of a well-formed prompt the generator cannot sample from (e.g. one
-longer than the model's context), found by retrying it alone while the engine serves others."""
+MAX_MESSAGE_BYTES: Final[int] = KafkaConfig.model_fields["max_message_bytes"].default
+"""The decoders' size limit when the caller gives none: ``kafka.max_message_bytes``'s
+default."""
 
-DEAD_LETTER_REASONS: Final = (*REASONS, GENERATION_FAILED)
-"""Every dead-letter reason raft-stream gives: the decoders' and the generator's."""
+MAX_DEPTH: Final = 32
+"""Deepest nesting of JSON objects and arrays a message may have (the top level is 1)."""
 
-MAX_DEAD_LETTER_ORIGINAL_BYTES: Final = 700_000
-"""Original bytes kept whole in a dead-letter envelope; longer ones are cut to this.
-Base64 grows them by 4/3, and the envelope must stay under Kafka's default 1 MiB
-message limit, or the poison message could never be dead-lettered (nor committed)."""
+RECORD_OVERHEAD_BYTES: Final = 128
+"""What a Kafka record adds to its key and value (batch header and varints), rounded up:
+kafka-python's estimate for one record without headers is under 90 bytes."""
 
-# JSON value kinds the decoders check. JSON true/false must not pass as 1/0.
-_KINDS: Final[dict[str, Callable[[Any], bool]]] = {
-    "str": lambda v: isinstance(v, str),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-}
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**63 - 1
+# A lone surrogate cannot be encoded as UTF-8; NUL ends strings in C code and logs.
+_BAD_TEXT: Final = re.compile("[\x00\ud800-\udfff]")
 
-# Per-prompt sampling overrides: name -> (kind, range check, the range in words).
-# isfinite: json.loads turns 1e400 into infinity.
-_SAMPLING_RULES: Final[dict[str, tuple[str, Callable[[Any], bool], str]]] = {
-    "k": ("int", lambda v: 1 <= v <= 256, "an integer in 1..256"),
-    "temperature": ("number", lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
-    "top_p": ("number", lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "max_new_tokens": ("int", lambda v: v >= 1, "an integer >= 1"),
-}
+MAX_DETAIL_CHARS: Final = 1000
+"""A dead letter's ``detail`` is cut to this many characters."""
+MAX_KEY_BYTES: Final = 1024
+"""A dead letter's key is cut to this many bytes."""
+MAX_HEADERS_BYTES: Final = 4096
+"""A dead letter keeps headers (names and values) up to this many bytes in all."""
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlist = _repr.maxdict = 4
+_repr.maxlevel = 2
+
+
+def show(value: Any) -> str:
+    """A short repr of any value for an error message: a detail that echoed a 450 KB
+    field whole could not be dead-lettered."""
+    return _repr.repr(value)
+
+
+# -- JSON --------------------------------------------------------------------------------
 
 
 def dumps(obj: Any) -> bytes:
@@ -97,9 +132,72 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _load_object(value: bytes, max_bytes: int | None = None) -> dict[str, Any]:
+def _check_tree(obj: Any) -> None:
+    """Refuse what no field may hold, anywhere: deep nesting, bad text, huge numbers.
+
+    Iterative, so no depth can overflow the stack. ``json.loads`` turns 1e400 into
+    infinity and keeps 400-digit integers exactly; both overflow ``float()`` later.
+    """
+    # (value, its path as a linked list (key, parent) built into text only for an error)
+    stack: list[tuple[Any, _Path, int]] = [(obj, None, 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value, path)
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int):
+            if not _INT_MIN <= value <= _INT_MAX:
+                raise MessageError(
+                    "number_out_of_range",
+                    f"{_where(path)}: the integer {show(value)} is outside 64-bit range",
+                )
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise MessageError(
+                    "number_out_of_range",
+                    f"{_where(path)}: the number is outside 64-bit float range",
+                )
+        else:
+            if depth > MAX_DEPTH:
+                raise MessageError("too_deep", f"nesting deeper than {MAX_DEPTH} at {_where(path)}")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    _check_text(key, path, is_key=True)
+                    stack.append((item, (key, path), depth + 1))
+            else:  # a list: json.loads makes nothing else
+                stack.extend((item, (i, path), depth + 1) for i, item in enumerate(value))
+
+
+_Path = tuple[str | int, "_Path"] | None
+
+
+def _where(path: _Path) -> str:
+    """``sampling.temperature`` or ``metadata.tags[2]``, shortened for a message."""
+    parts: list[str] = []
+    while path is not None:
+        key, path = path
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{show(key)[1:-1]}")
+        if len(parts) > MAX_DEPTH:
+            break
+    text = "".join(reversed(parts)).lstrip(".")
+    return text or "the message"
+
+
+def _check_text(text: str, path: _Path, *, is_key: bool = False) -> None:
+    bad = _BAD_TEXT.search(text)
+    if bad is not None:
+        what = "NUL" if bad.group() == "\x00" else f"a lone surrogate U+{ord(bad.group()):04X}"
+        where = f"a key of {_where(path)}" if is_key else _where(path)
+        raise MessageError(
+            "bad_text",
+            f"{where} holds {what} at character {bad.start()}; send valid Unicode text",
+        )
+
+
+def _load_object(value: bytes, max_bytes: int) -> dict[str, Any]:
     """Bytes -> JSON object of a known schema version, or MessageError."""
-    if max_bytes is not None and len(value) > max_bytes:
+    if len(value) > max_bytes:
         raise MessageError("too_large", f"{len(value)} bytes > limit of {max_bytes}")
     try:
         text = value.decode("utf-8")
@@ -109,18 +207,28 @@ def _load_object(value: bytes, max_bytes: int | None = None) -> dict[str, Any]:
         raise MessageError("not_json", "empty message")
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise MessageError("not_json", str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # ValueError: also > 4300-digit integers
+        raise MessageError("not_json", str(exc)[:200]) from None
     if not isinstance(obj, dict):
         raise MessageError("not_object", f"top level is a JSON {type(obj).__name__}")
+    _check_tree(obj)
     version = obj.get("schema_version", SCHEMA_VERSION)
     # `True == 1` in Python: compare the type too.
     if type(version) is not int or version != SCHEMA_VERSION:
         raise MessageError(
             "unknown_schema_version",
-            f"schema_version {version!r} is not supported (this reader knows {SCHEMA_VERSION})",
+            f"schema_version {show(version)} is not supported (this reader knows {SCHEMA_VERSION})",
         )
     return obj
+
+
+# JSON value kinds the decoders check. JSON true/false must not pass as 1/0.
+_KINDS: Final[dict[str, Callable[[Any], bool]]] = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+}
 
 
 def _field(obj: dict[str, Any], name: str, kind: str, *, required: bool = True) -> Any:
@@ -131,27 +239,66 @@ def _field(obj: dict[str, Any], name: str, kind: str, *, required: bool = True) 
             raise MessageError("missing_field", f"{name} is required")
         return None
     if not _KINDS[kind](value):
-        raise MessageError("bad_field_type", f"{name} must be {kind}, got {type(value).__name__}")
+        raise MessageError(
+            "bad_field_type", f"{name} must be {kind}, got {type(value).__name__} {show(value)}"
+        )
     return value
 
 
-def _check_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
+# -- prompts -----------------------------------------------------------------------------
+
+
+@cache
+def _override_adapter(name: str) -> TypeAdapter[Any]:
+    """The type and range of an override: those of the SamplingConfig field, strictly."""
+    spec = SamplingConfig.model_fields[name]
+    return TypeAdapter(Annotated[spec.annotation, Strict(), *spec.metadata])  # type: ignore[arg-type]
+
+
+_DEFAULT_SAMPLING: Final = SamplingConfig()
+
+
+def _check_sampling(sampling: dict[str, Any], limits: SamplingConfig) -> dict[str, Any]:
+    """A prompt's sampling overrides, typed and within the configuration's ranges and the
+    operator's per-prompt maxima (``generation.sampling.prompt_max_*``)."""
+    maxima = limits.override_maxima()
+    checked: dict[str, Any] = {}
     for key, value in sampling.items():
-        if key not in _SAMPLING_RULES:
-            allowed = ", ".join(_SAMPLING_RULES)
-            raise MessageError("bad_field_type", f"sampling.{key} is unknown; allowed: {allowed}")
-        kind, in_range, wanted = _SAMPLING_RULES[key]
-        if not _KINDS[kind](value) or not in_range(value):
-            raise MessageError("bad_field_type", f"sampling.{key} must be {wanted}, got {value!r}")
-    return sampling
+        if key not in maxima:
+            allowed = ", ".join(maxima)
+            raise MessageError(
+                "bad_field_type", f"sampling.{key[:40]} is unknown; allowed: {allowed}"
+            )
+        try:
+            checked[key] = _override_adapter(key).validate_python(value)
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            raise MessageError(
+                "bad_field_type", f"sampling.{key}: {problem}, got {show(value)}"
+            ) from None
+        if checked[key] > maxima[key]:
+            limit = f"prompt_{key}" if key.startswith("max_") else f"prompt_max_{key}"
+            raise MessageError(
+                OVERRIDE_OUT_OF_BOUNDS,
+                f"sampling.{key} {show(value)} is above this service's limit of "
+                f"{maxima[key]:g} (generation.sampling.{limit}); ask for at most "
+                "that, or have the operator raise the limit",
+            )
+    return checked
 
 
-def decode_prompt(value: bytes, max_bytes: int, fallback_id: str | None = None) -> PromptRecord:
-    """Decode a prompt message, or raise MessageError with the dead-letter reason.
+def decode_prompt(
+    value: bytes,
+    max_bytes: int,
+    fallback_id: str | None = None,
+    sampling: SamplingConfig = _DEFAULT_SAMPLING,
+) -> PromptRecord:
+    """Decode a prompt message (or a prompt file's line), or raise MessageError.
 
     A message without ``id`` (or with ``"id": null``) gets ``fallback_id``; the consumer
     passes ``topic/partition/offset``, which is stable across redeliveries. Without a
     fallback the id is a hash of the bytes. An integer id is accepted as its string.
+    ``sampling`` gives the overrides' ranges and maxima (the service's configuration).
     """
     obj = _load_object(value, max_bytes)
     prompt = obj.get("prompt")
@@ -167,16 +314,34 @@ def decode_prompt(value: bytes, max_bytes: int, fallback_id: str | None = None) 
     elif isinstance(raw_id, int) and not isinstance(raw_id, bool):
         raw_id = str(raw_id)
     elif not isinstance(raw_id, str) or not raw_id:
-        raise MessageError("bad_field_type", f"id must be a non-empty str, got {raw_id!r}")
+        raise MessageError("bad_field_type", f"id must be a non-empty str, got {show(raw_id)}")
     metadata = _field(obj, "metadata", "object", required=False) or {}
-    sampling = _field(obj, "sampling", "object", required=False) or {}
+    overrides = _field(obj, "sampling", "object", required=False) or {}
     return PromptRecord(
-        id=raw_id, prompt=prompt, metadata=metadata, sampling=_check_sampling(sampling)
+        id=raw_id, prompt=prompt, metadata=metadata, sampling=_check_sampling(overrides, sampling)
     )
 
 
+def encode_prompt(record: PromptRecord) -> dict[str, Any]:
+    """A prompt as a JSON object for the prompts topic or a prompt file (``text``, the
+    templated prompt, is the reader's business and does not travel)."""
+    message: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "id": record.id,
+        "prompt": record.prompt,
+    }
+    if record.metadata:
+        message["metadata"] = record.metadata
+    if record.sampling:
+        message["sampling"] = record.sampling
+    return message
+
+
+# -- samples -----------------------------------------------------------------------------
+
+
 def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, Any]:
-    """A sample as a JSON object for the samples topic.
+    """A sample as a JSON object for the samples topic and the trainer's buffer file.
 
     ``prompt_text`` (the templated prompt the model saw) travels too, so the trainer
     trains on exactly that. A non-finite reward is sent as null: JSON has no NaN.
@@ -198,9 +363,9 @@ def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, 
     }
 
 
-def decode_sample(value: bytes) -> Sample:
-    """Decode a samples-topic message, or raise MessageError."""
-    obj = _load_object(value)
+def decode_sample(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Sample:
+    """Decode a samples-topic message or a buffer-file row, or raise MessageError."""
+    obj = _load_object(value, max_bytes)
     prompt = _field(obj, "prompt", "str")
     reward = _field(obj, "reward", "number", required=False)
     return Sample(
@@ -215,6 +380,22 @@ def decode_sample(value: bytes) -> Sample:
         rank=_field(obj, "rank", "int", required=False),
         finish_reason=_field(obj, "finish_reason", "str", required=False),
     )
+
+
+def check_output_size(value: bytes, key: bytes | None, max_bytes: int, what: str) -> None:
+    """Raise MessageError(``output_too_large``) when a record of this key and value would
+    be over ``max_bytes`` (``kafka.max_message_bytes``, the producer's limit too)."""
+    size = len(value) + len(key or b"") + RECORD_OVERHEAD_BYTES
+    if size > max_bytes:
+        raise MessageError(
+            OUTPUT_TOO_LARGE,
+            f"the {what} would be {size} bytes with its key, over kafka.max_message_bytes "
+            f"({max_bytes}); shorten the prompt or its id, or raise the limit (and the "
+            "broker's message.max.bytes)",
+        )
+
+
+# -- adapter announcements -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -243,13 +424,15 @@ def encode_adapter(adapter: AdapterVersion, uri: str | None = None) -> dict[str,
     }
 
 
-def decode_adapter(value: bytes) -> AdapterAnnouncement:
+def decode_adapter(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> AdapterAnnouncement:
     """Decode an adapters-topic message, or raise MessageError."""
-    obj = _load_object(value)
+    obj = _load_object(value, max_bytes)
     metrics = _field(obj, "metrics", "object", required=False) or {}
     for name, metric in metrics.items():
         if not _KINDS["number"](metric):
-            raise MessageError("bad_field_type", f"metrics.{name} must be number, got {metric!r}")
+            raise MessageError(
+                "bad_field_type", f"metrics.{name[:40]} must be number, got {show(metric)}"
+            )
     return AdapterAnnouncement(
         version=_field(obj, "version", "int"),
         sha256=_field(obj, "sha256", "str"),
@@ -260,12 +443,15 @@ def decode_adapter(value: bytes) -> AdapterAnnouncement:
     )
 
 
+# -- dead letters --------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """A message that cannot be used: where it was, why, and its exact bytes."""
 
     reason: str
-    """One of REASONS (or a caller's own code for messages it gives up on later)."""
+    """One of DEAD_LETTER_REASONS."""
     detail: str
     topic: str
     partition: int
@@ -276,8 +462,10 @@ class DeadLetter:
     key: bytes | None = None
     headers: tuple[tuple[str, bytes | None], ...] = ()
     original_size: int | None = None
-    """Size of the original value when ``value`` was cut (see MAX_DEAD_LETTER_ORIGINAL_BYTES);
+    """Size of the original value when ``value`` was cut to fit (see ``fit_dead_letter``);
     None when ``value`` is whole."""
+    cut: tuple[str, ...] = ()
+    """Fields ``fit_dead_letter`` shortened: any of detail, key, headers, original."""
 
 
 def _b64(data: bytes | None) -> str | None:
@@ -293,14 +481,10 @@ def _unb64(text: Any, name: str) -> bytes | None:
         raise MessageError("bad_field_type", f"{name} must be base64 text or null") from None
 
 
-def encode_dead_letter(
-    letter: DeadLetter, max_original_bytes: int = MAX_DEAD_LETTER_ORIGINAL_BYTES
-) -> dict[str, Any]:
-    """The dead-letter envelope; the value, key and headers are base64 so bytes survive."""
-    value, original_size = letter.value, letter.original_size
-    if value is not None and len(value) > max_original_bytes:
-        value, original_size = value[:max_original_bytes], len(value)
-    return {
+def encode_dead_letter(letter: DeadLetter) -> dict[str, Any]:
+    """The dead-letter envelope; the value, key and headers are base64 so bytes survive.
+    Pass a letter through ``fit_dead_letter`` first to bound its size."""
+    envelope = {
         "schema_version": SCHEMA_VERSION,
         "reason": letter.reason,
         "detail": letter.detail,
@@ -308,21 +492,115 @@ def encode_dead_letter(
         "partition": letter.partition,
         "offset": letter.offset,
         "timestamp_ms": letter.timestamp_ms,
-        "original_b64": _b64(value),
-        "original_size": original_size,
+        "original_b64": _b64(letter.value),
+        "original_size": letter.original_size,
         "key_b64": _b64(letter.key),
         "headers": [[name, _b64(data)] for name, data in letter.headers],
     }
+    if letter.cut:
+        envelope["cut"] = list(letter.cut)
+    return envelope
 
 
-def decode_dead_letter(value: bytes) -> DeadLetter:
+def _valid_text(text: str) -> str:
+    """Text the decoders accept: a detail may quote an exception that quotes the input,
+    and lone surrogates cannot be sent (they become "?"), nor NUL be read (it becomes
+    "\\x00")."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _cut_text(text: str, chars: int) -> str:
+    if len(text) <= chars:
+        return text
+    note = f" ... [cut from {len(text)} chars]"
+    return text[: max(0, chars - len(note))] + note
+
+
+def _cut_headers(
+    headers: tuple[tuple[str, bytes | None], ...], budget: int
+) -> tuple[tuple[str, bytes | None], ...]:
+    kept = []
+    for name, data in headers:
+        size = len(name.encode("utf-8", "replace")) + len(data or b"")
+        if size > budget:
+            break
+        kept.append((_valid_text(name), data))
+        budget -= size
+    return tuple(kept)
+
+
+def _with(cut: list[str], name: str) -> list[str]:
+    return cut if name in cut else [*cut, name]
+
+
+def _envelope_size(letter: DeadLetter) -> int:
+    return len(dumps(encode_dead_letter(letter))) + len(letter.key or b"")
+
+
+def fit_dead_letter(letter: DeadLetter, max_bytes: int = MAX_MESSAGE_BYTES) -> DeadLetter:
+    """The letter cut so that its envelope and key make a record of at most ``max_bytes``.
+
+    The detail, key and headers are cut to small fixed bounds first (then further only if
+    the limit is tiny); the original value keeps what room is left (base64 grows it by
+    4/3) and ``original_size`` tells its full size. ``cut`` names what was shortened.
+    Without this, a poison message could never be dead-lettered (nor committed).
+    """
+    detail = _cut_text(_valid_text(letter.detail), MAX_DETAIL_CHARS)
+    key = None if letter.key is None else letter.key[:MAX_KEY_BYTES]
+    headers = _cut_headers(letter.headers, MAX_HEADERS_BYTES)
+    cut = [
+        name
+        for name, shortened in (
+            ("detail", detail != letter.detail),
+            ("key", key != letter.key),
+            ("headers", headers != letter.headers),
+        )
+        if shortened
+    ]
+    budget = max_bytes - RECORD_OVERHEAD_BYTES
+    # Room for original_size's digits and the cut list, filled in below.
+    slack = 96
+    small = replace(
+        letter,
+        detail=detail,
+        key=key,
+        headers=headers,
+        value=None if letter.value is None else b"",
+        original_size=None,
+        cut=(),
+    )
+    # A tiny limit: drop the headers, then the key, then cut the detail until it fits.
+    overflow = _envelope_size(small) + slack - budget
+    if overflow > 0 and small.headers:
+        small, cut = replace(small, headers=()), _with(cut, "headers")
+        overflow = _envelope_size(small) + slack - budget
+    if overflow > 0 and small.key:
+        small, cut = replace(small, key=None), _with(cut, "key")
+        overflow = _envelope_size(small) + slack - budget
+    if overflow > 0:
+        # Each character takes at least one byte of JSON.
+        kept = small.detail[: max(0, len(small.detail) - overflow)]
+        small, cut = replace(small, detail=kept), _with(cut, "detail")
+    room = budget - slack - _envelope_size(small)
+    keep = max(0, room) // 4 * 3
+    value, original_size = letter.value, letter.original_size
+    if value is not None and len(value) > keep:
+        value, original_size = value[:keep], letter.original_size or len(value)
+        cut.append("original")
+    return replace(small, value=value, original_size=original_size, cut=tuple(cut))
+
+
+def decode_dead_letter(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> DeadLetter:
     """Decode a dead-letter envelope (for replay tools and tests), or raise MessageError."""
-    obj = _load_object(value)
+    obj = _load_object(value, max_bytes)
     headers = obj.get("headers") or []
     if not isinstance(headers, list) or not all(
         isinstance(h, list) and len(h) == 2 and isinstance(h[0], str) for h in headers
     ):
         raise MessageError("bad_field_type", "headers must be a list of [name, base64] pairs")
+    cut = obj.get("cut") or []
+    if not isinstance(cut, list) or not all(isinstance(name, str) for name in cut):
+        raise MessageError("bad_field_type", "cut must be a list of field names")
     return DeadLetter(
         reason=_field(obj, "reason", "str"),
         detail=_field(obj, "detail", "str"),
@@ -334,4 +612,5 @@ def decode_dead_letter(value: bytes) -> DeadLetter:
         key=_unb64(obj.get("key_b64"), "key_b64"),
         headers=tuple((name, _unb64(data, "headers")) for name, data in headers),
         original_size=_field(obj, "original_size", "int", required=False),
+        cut=tuple(cut),
     )

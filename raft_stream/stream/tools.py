@@ -59,7 +59,7 @@ def _json_or_raw(value: bytes, _where: str) -> Any:
     """The message as JSON; bytes that are not JSON come back as base64 so tail shows all."""
     try:
         return json.loads(value)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         return {"value_b64": base64.b64encode(value).decode("ascii")}
 
 

@@ -1,0 +1,103 @@
+"""Every reason code raft-stream gives a record it does not use, in one place.
+
+They are the ``reason`` of dead letters and of rejected samples, and the bounded ``reason``
+label values of ``raft_stream_dead_letter_total`` and ``raft_stream_samples_rejected_total``
+(``raft_stream.metrics`` reads these tuples; anything else is counted as ``other``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "DEAD_LETTER_REASONS",
+    "DECODE_REASONS",
+    "REJECT_REASONS",
+    "REWARD_REASONS",
+]
+
+# -- dead letters: records a role cannot use ------------------------------------------------
+
+TOO_LARGE: Final = "too_large"
+NOT_UTF8: Final = "not_utf8"
+NOT_JSON: Final = "not_json"
+NOT_OBJECT: Final = "not_object"
+TOO_DEEP: Final = "too_deep"
+BAD_TEXT: Final = "bad_text"
+"""Text with a lone surrogate (it cannot be encoded again) or NUL."""
+NUMBER_OUT_OF_RANGE: Final = "number_out_of_range"
+"""A number outside a 64-bit integer or float (it overflows where it is used)."""
+UNKNOWN_SCHEMA_VERSION: Final = "unknown_schema_version"
+MISSING_PROMPT: Final = "missing_prompt"
+EMPTY_PROMPT: Final = "empty_prompt"
+MISSING_FIELD: Final = "missing_field"
+BAD_FIELD_TYPE: Final = "bad_field_type"
+OVERRIDE_OUT_OF_BOUNDS: Final = "override_out_of_bounds"
+"""A prompt's sampling override above ``generation.sampling.prompt_max_*``."""
+
+DECODE_REASONS: Final = (
+    TOO_LARGE,
+    NOT_UTF8,
+    NOT_JSON,
+    NOT_OBJECT,
+    TOO_DEEP,
+    BAD_TEXT,
+    NUMBER_OUT_OF_RANGE,
+    UNKNOWN_SCHEMA_VERSION,
+    MISSING_PROMPT,
+    EMPTY_PROMPT,
+    MISSING_FIELD,
+    BAD_FIELD_TYPE,
+    OVERRIDE_OUT_OF_BOUNDS,
+)
+"""Every reason a decoder of ``raft_stream.stream.schema`` gives."""
+
+GENERATION_FAILED: Final = "generation_failed"
+"""A well-formed prompt the generator cannot sample from (e.g. one longer than the model's
+context), found by retrying it alone while the engine serves others."""
+
+OUTPUT_TOO_LARGE: Final = "output_too_large"
+"""A prompt whose sample would be larger than ``kafka.max_message_bytes``."""
+
+REWARD_OUT_OF_BOUNDS: Final = "reward_out_of_bounds"
+"""A kept sample whose reward is missing or outside ``buffer.reward_min..reward_max``: the
+trainer does not train on it."""
+
+INTERNAL_ERROR: Final = "internal_error"
+"""A record whose handling raised an unexpected exception (a bug): the role dead-letters
+that record with a short summary and goes on."""
+
+DEAD_LETTER_REASONS: Final = (
+    *DECODE_REASONS,
+    GENERATION_FAILED,
+    OUTPUT_TOO_LARGE,
+    REWARD_OUT_OF_BOUNDS,
+    INTERNAL_ERROR,
+)
+"""Every dead-letter reason: the decoders' and the roles'."""
+
+# -- rejected samples (Sample.reject_reason): scored, but not kept ----------------------------
+
+REWARD_ERROR: Final = "reward_error"
+REWARD_TIMEOUT: Final = "reward_timeout"
+REWARD_NONFINITE: Final = "reward_nonfinite"
+REWARD_REASONS: Final = (REWARD_ERROR, REWARD_TIMEOUT, REWARD_NONFINITE)
+"""Why SafeReward gave a sample no reward."""
+
+TOO_SHORT: Final = "too_short"
+TOO_LONG: Final = "too_long"
+BELOW_THRESHOLD: Final = "below_threshold"
+DUPLICATE: Final = "duplicate"
+NOT_SELECTED: Final = "not_selected"
+
+REJECT_REASONS: Final = (
+    TOO_SHORT,
+    TOO_LONG,
+    REWARD_NONFINITE,
+    BELOW_THRESHOLD,
+    DUPLICATE,
+    NOT_SELECTED,
+    REWARD_ERROR,
+    REWARD_TIMEOUT,
+)
+"""Every reason ranking (``raft_stream.ranking``) and SafeReward reject a sample for."""

@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import raft_stream
+from raft_stream.roles.adapters import REFUSAL_REASONS
 from raft_stream.stream.schema import DEAD_LETTER_REASONS as SCHEMA_DEAD_LETTER_REASONS
 from raft_stream.textstats import distinct_n
 
@@ -70,7 +71,7 @@ and the generator's), so the two never drift apart."""
 TRAINING_FAILURE_REASONS = ("out_of_memory", "nonfinite_loss", "store_failed", "other")
 """``reason`` values of training_failures_total."""
 
-ADAPTER_LOAD_FAILURE_REASONS = ("fetch_failed", "checksum_mismatch", "engine_error", "other")
+ADAPTER_LOAD_FAILURE_REASONS = (*REFUSAL_REASONS, "other")
 """``reason`` values of adapter_load_failures_total."""
 
 REWARD_BUCKETS = (
@@ -233,7 +234,8 @@ class RaftMetrics:
         )
         self.adapter_load_failures_total = Counter(
             "adapter_load_failures",
-            "Adapter versions that could not be fetched or loaded, by reason.",
+            "Announced adapter versions refused (untrusted, unverifiable or unloadable), by "
+            "reason; the served version keeps serving.",
             ["reason"],
             **kw,
         )

@@ -225,6 +225,7 @@ def run_offline(
             report.eval_after = evaluate(eval_sampler, eval_prompts, adapter)
             console.print(f"held-out reward after:  {report.eval_after.reward_mean:.3f}")
     finally:
+        store.close()
         if owns_generator:
             generator.close()
     report.wall_s = time.perf_counter() - started

@@ -132,6 +132,10 @@ class RewardConfig(_Section):
     """http kind: POST endpoint taking {"prompts": [...], "responses": [...]} and returning
     {"rewards": [...]}."""
 
+    token_file: Path | None = None
+    """http kind: file holding the bearer token sent with each request (the reference
+    server's ``--token-file``, e.g. a Kubernetes Secret mount); None sends none."""
+
     timeout_s: float = Field(30.0, gt=0)
     """A reward call that takes longer is abandoned and its samples are rejected."""
 

@@ -136,13 +136,10 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     from raft_stream.data.prompts import write_prompts_jsonl
 
     if args.dataset == "demo":
-        from raft_stream.data.reviews import demo_prompts
-
-        records = demo_prompts(args.split, args.n)
+        from raft_stream.data.reviews import demo_prompts as prompts_of
     else:
-        from raft_stream.data.tiny_model import tiny_prompts
-
-        records = tiny_prompts(args.split, args.n)
+        from raft_stream.data.tiny_model import tiny_prompts as prompts_of
+    records = prompts_of(args.split)[: args.n]  # --n is "at most"
     write_prompts_jsonl(records, args.out)
     print(f"wrote {len(records)} prompts to {args.out}")
     return 0

@@ -173,6 +173,10 @@ class RewardConfig(_Section):
     """http kind: POST endpoint taking {"prompts": [...], "responses": [...]} and returning
     {"rewards": [...]}."""
 
+    token_file: Path | None = None
+    """http kind: file holding the bearer token sent with each request (the reference
+    server's ``--token-file``, e.g. a Kubernetes Secret mount); None sends none."""
+
     timeout_s: float = Field(30.0, gt=0)
     """A reward call that takes longer is abandoned and its samples are rejected."""
 
@@ -330,6 +334,28 @@ class StoreConfig(_Section):
     the newest. The trainer keeps training; unpin to serve its newer versions again."""
 
 
+class AdaptersConfig(_Section):
+    allowed_roots: list[Path] = []
+    """Folders an announced adapter's uri may resolve into (after symlinks and ``..``);
+    empty: only the adapter store root (``store.root``). Generators refuse a version
+    anywhere else (reason ``outside_store``), so a message cannot make them read, say,
+    the model volume."""
+
+    lineage: str | None = None
+    """The store lineage generators serve versions of; None reads it from the ``lineage``
+    file the trainer creates once in the adapter store root. Versions of another lineage
+    (another trainer or store) are refused (``lineage_mismatch``)."""
+
+    max_adapter_bytes: int = Field(2 << 30, ge=1)
+    """Largest adapter (weights and config; the optimizer state beside them is not read)
+    a generator hashes and loads, in bytes; a larger one is refused (``too_large``)."""
+
+    signing_key_file: Path | None = None
+    """File holding the HMAC-SHA256 key of announcements (e.g. a Kubernetes Secret
+    mount). The trainer signs each one; generators refuse unsigned or badly signed ones
+    (``bad_signature``). None: announcements are neither signed nor checked."""
+
+
 class OfflineConfig(_Section):
     prompts: Path | None = None
     """JSONL file of training prompts ({"id", "prompt"} per line)."""
@@ -407,6 +433,10 @@ class KafkaConfig(_Section):
 
     sasl_password_env: str = "RAFT_STREAM_SASL_PASSWORD"
     """Environment variable that holds the SASL password (never put it in the file)."""
+
+    sasl_password_file: Path | None = None
+    """File holding the SASL password (e.g. a Kubernetes Secret mount), instead of the
+    environment variable; setting both is an error. None: read the environment."""
 
     ssl_cafile: Path | None = None
     """CA bundle for SSL."""
@@ -496,6 +526,9 @@ class RaftConfig(BaseSettings):
     store: StoreConfig = StoreConfig()
     """The adapter store."""
 
+    adapters: AdaptersConfig = AdaptersConfig()
+    """Which announced adapter versions generators trust."""
+
     offline: OfflineConfig = OfflineConfig()
     """Offline RAFT over a fixed prompt set."""
 
@@ -553,6 +586,23 @@ class RaftConfig(BaseSettings):
         # Kubernetes overrides a ConfigMap with env vars, a user overrides both with flags.
         overrides = _OverrideSource(settings_cls, _OVERRIDES.get() or {})
         return (overrides, env_settings, init_settings)
+
+
+def read_secret(path: Path, field: str) -> str:
+    """The secret in ``path`` (a key, token or password), without the trailing newline.
+
+    Raises ConfigError naming ``field`` when the file cannot be read or is empty.
+    """
+    try:
+        secret = Path(path).read_text().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            f"{field} ({path}) cannot be read: {why}; mount the secret there or unset {field}"
+        ) from None
+    if not secret:
+        raise ConfigError(f"{field} ({path}) is empty; write the secret into it")
+    return secret
 
 
 _OVERRIDES: ContextVar[dict[str, Any] | None] = ContextVar("raft_stream_overrides", default=None)

@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 import raft_stream
 from raft_stream import reasons as codes
 from raft_stream.generation.engine_process import ENGINE_DEATH_SIGNALS
+from raft_stream.roles.adapters import REFUSAL_REASONS
 from raft_stream.textstats import distinct_n
 
 __all__ = [
@@ -62,7 +63,7 @@ roles')."""
 TRAINING_FAILURE_REASONS = ("out_of_memory", "nonfinite_loss", "store_failed", "other")
 """``reason`` values of training_failures_total."""
 
-ADAPTER_LOAD_FAILURE_REASONS = ("fetch_failed", "checksum_mismatch", "engine_error", "other")
+ADAPTER_LOAD_FAILURE_REASONS = (*REFUSAL_REASONS, "other")
 """``reason`` values of adapter_load_failures_total."""
 
 REWARD_BUCKETS = (
@@ -225,7 +226,8 @@ class RaftMetrics:
         )
         self.adapter_load_failures_total = Counter(
             "adapter_load_failures",
-            "Adapter versions that could not be fetched or loaded, by reason.",
+            "Announced adapter versions refused (untrusted, unverifiable or unloadable), by "
+            "reason; the served version keeps serving.",
             ["reason"],
             **kw,
         )

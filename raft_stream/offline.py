@@ -231,6 +231,7 @@ def run_offline(
             console.print(f"held-out reward after:  {report.eval_after.reward_mean:.3f}")
     finally:
         reward.close()
+        store.close()
         if owns_generator:
             generator.close()
     report.wall_s = time.perf_counter() - started

@@ -67,6 +67,8 @@ class AdapterVersion:
     base_model: str
     created_at: float
     metrics: dict[str, float] = field(default_factory=dict)
+    lineage: str | None = None
+    """Id of the store that wrote it (see ``training.store``); None for older versions."""
 
     @property
     def name(self) -> str:

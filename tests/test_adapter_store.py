@@ -1,16 +1,29 @@
-"""The adapter store: atomic immutable versions, a latest pointer, checksums, retention."""
+"""The adapter store: atomic immutable versions, a latest pointer, checksums, retention,
+one lineage per store and one writer at a time."""
 
 from __future__ import annotations
 
 import errno
+import json
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from raft_stream.errors import AdapterError
-from raft_stream.training.store import AdapterStore, folder_sha256
+from raft_stream.errors import AdapterError, RaftStreamError
+from raft_stream.training.store import (
+    TRAINER_STATE,
+    AdapterStore,
+    StoreLockedError,
+    adapter_sha256,
+    folder_sha256,
+    read_version,
+)
 
 
 def writer(payload: bytes, delay_s: float = 0.0):  # type: ignore[no-untyped-def]
@@ -60,7 +73,12 @@ def test_failed_save_leaves_the_store_unchanged(tmp_path: Path) -> None:
     assert store.versions() == [1]
     latest = store.latest()
     assert latest is not None and latest.version == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".writer.lock",
+        "latest",
+        "lineage",
+        "v000001",
+    ]
 
 
 def test_a_reader_never_sees_a_half_written_version(tmp_path: Path) -> None:
@@ -96,7 +114,7 @@ def test_a_reader_never_sees_a_half_written_version(tmp_path: Path) -> None:
 def test_stale_temporary_folders_are_removed_at_start(tmp_path: Path) -> None:
     (tmp_path / ".tmp-v000003-deadbeef").mkdir()
     AdapterStore(tmp_path, base_model="base")
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".writer.lock", "lineage"]
 
 
 def test_keeps_only_the_last_versions(tmp_path: Path) -> None:
@@ -123,3 +141,101 @@ def test_a_readonly_store_refuses_to_write(tmp_path: Path) -> None:
 
 def test_latest_is_none_before_the_first_version(tmp_path: Path) -> None:
     assert AdapterStore(tmp_path, base_model="base").latest() is None
+
+
+def test_the_first_writer_creates_a_lineage_that_every_version_carries(tmp_path: Path) -> None:
+    with AdapterStore(tmp_path, base_model="base") as store:
+        lineage = store.lineage
+        first = store.write(writer(b"1"), {})
+    assert lineage is not None and (tmp_path / "lineage").read_text().strip() == lineage
+    with AdapterStore(tmp_path, base_model="base") as reopened:  # a restarted trainer
+        second = reopened.write(writer(b"2"), {})
+    assert first.lineage == second.lineage == lineage
+    assert AdapterStore(tmp_path / "other", base_model="base").lineage != lineage
+
+
+def test_a_second_writer_on_the_same_store_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    first = AdapterStore(tmp_path, base_model="base")
+    with pytest.raises(StoreLockedError, match=f"held by another trainer \\(pid {os.getpid()} "):
+        AdapterStore(tmp_path, base_model="base")
+    assert isinstance(StoreLockedError("x"), RaftStreamError)  # the CLI prints a message
+    AdapterStore(tmp_path, base_model="base", readonly=True).versions()  # readers never wait
+    first.close()
+    with pytest.raises(AdapterError, match="closed"):
+        first.write(writer(b"x"), {})
+    AdapterStore(tmp_path, base_model="base").write(writer(b"y"), {})
+
+
+def test_a_trainer_in_another_process_is_named_by_pid_and_host(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from raft_stream.training.store import AdapterStore; "
+            f"s = AdapterStore({str(tmp_path)!r}, base_model='base'); print('held', flush=True); "
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(StoreLockedError) as caught:
+            AdapterStore(tmp_path, base_model="base")
+        message = str(caught.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in message
+        assert "stop that one, or give this one its own store.root" in message
+    finally:
+        holder.kill()  # the kernel drops a dead holder's lock
+        holder.wait()
+    AdapterStore(tmp_path, base_model="base").close()
+
+
+def test_the_trainer_verifies_its_optimizer_state_which_generators_never_hash(
+    tmp_path: Path,
+) -> None:
+    def with_state(folder: Path) -> None:
+        writer(b"weights")(folder)
+        (folder / TRAINER_STATE).mkdir()
+        (folder / TRAINER_STATE / "optimizer.pt").write_bytes(b"adam moments")
+
+    with AdapterStore(tmp_path, base_model="base") as store:
+        adapter = store.write(with_state, {})
+    assert adapter.sha256 == adapter_sha256(adapter.path) != folder_sha256(adapter.path)
+    (adapter.path / TRAINER_STATE / "optimizer.pt").write_bytes(b"torn write")
+    with pytest.raises(AdapterError, match="trainer state hash to"):
+        store.get(1, verify=True)
+
+
+def test_versions_stored_before_the_split_checksum_still_verify(tmp_path: Path) -> None:
+    folder = tmp_path / "v000001"
+    folder.mkdir()
+    writer(b"old")(folder)
+    (folder / TRAINER_STATE).mkdir()
+    (folder / TRAINER_STATE / "optimizer.pt").write_bytes(b"adam")
+    manifest = {"version": 1, "sha256": folder_sha256(folder), "base_model": "base"}
+    (folder / "manifest.json").write_text(json.dumps(manifest | {"created_at": 0.0}))
+    assert read_version(folder, verify=True).lineage is None
+
+
+def test_a_second_trainer_on_the_same_store_refuses_to_start(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from raft_stream.config import load_config
+    from raft_stream.metrics import RaftMetrics
+    from raft_stream.roles.lifecycle import Shutdown
+    from raft_stream.roles.trainer import TrainerRole
+
+    cfg = load_config(overrides={"daemon.state_dir": str(tmp_path), "model.name_or_path": "m"})
+
+    def trainer() -> TrainerRole:
+        return TrainerRole(cfg, "m", RaftMetrics(CollectorRegistry()), Shutdown(1.0))
+
+    first = trainer()
+    with pytest.raises(StoreLockedError, match=f"{tmp_path / 'adapters'} is held by"):
+        trainer()
+    first.store.close()  # what the first trainer's run() does when it returns
+    trainer()

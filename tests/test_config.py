@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from raft_stream.cli import field_docs
-from raft_stream.config import RaftConfig, load_config
+from raft_stream.config import KafkaConfig, RaftConfig, load_config
 from raft_stream.errors import ConfigError
+from raft_stream.stream.kafka import kafka_client_kwargs
 
 
 def test_defaults_validate() -> None:
@@ -98,3 +99,31 @@ def test_raises_error_when_reward_min_is_above_reward_max() -> None:
 def test_raises_error_when_a_reward_bound_is_not_finite() -> None:
     with pytest.raises(ConfigError, match=r"buffer\.reward_max: Input should be a finite number"):
         load_config(overrides={"buffer.reward_max": "inf"})
+
+
+def test_the_sasl_password_comes_from_a_file_or_the_environment_never_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("from-the-secret\n")  # a Secret mount's trailing newline is dropped
+    sasl = {"bootstrap_servers": "kafka:9093", "security_protocol": "SASL_SSL"}
+    monkeypatch.delenv("RAFT_STREAM_SASL_PASSWORD", raising=False)
+    from_file = KafkaConfig(**sasl, sasl_password_file=secret)
+    assert kafka_client_kwargs(from_file)["sasl_plain_password"] == "from-the-secret"
+    with pytest.raises(
+        ConfigError,
+        match=r"RAFT_STREAM_SASL_PASSWORD .* is not set; set it, or set kafka.sasl_password_file",
+    ):
+        kafka_client_kwargs(KafkaConfig(**sasl))
+    monkeypatch.setenv("RAFT_STREAM_SASL_PASSWORD", "from-the-env")
+    assert kafka_client_kwargs(KafkaConfig(**sasl))["sasl_plain_password"] == "from-the-env"
+    with pytest.raises(
+        ConfigError,
+        match=r"kafka.sasl_password_file \(.*\) and the environment variable .* both set; set only",
+    ):
+        kafka_client_kwargs(from_file)
+    monkeypatch.delenv("RAFT_STREAM_SASL_PASSWORD")
+    with pytest.raises(
+        ConfigError, match=r"kafka.sasl_password_file .* cannot be read: No such file"
+    ):
+        kafka_client_kwargs(KafkaConfig(**sasl, sasl_password_file=tmp_path / "missing"))

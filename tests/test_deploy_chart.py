@@ -22,6 +22,7 @@ CUSTOM_SCHEMAS = {
     "ScaledObject": "scaledobject.json",
     "TriggerAuthentication": "triggerauthentication.json",
     "KafkaTopic": "kafkatopic.json",
+    "KafkaUser": "kafkauser.json",
 }
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
@@ -144,15 +145,79 @@ def test_keda_mode_scales_generators_on_prompt_lag() -> None:
     assert auth["metadata"]["name"] == trigger["authenticationRef"]["name"]
 
 
-def test_sasl_password_comes_from_a_secret_never_the_configmap(tmp_path: Path) -> None:
+def test_sasl_password_is_a_mounted_secret_file_never_env_or_configmap(tmp_path: Path) -> None:
     config = load_config(_config_of("keda", tmp_path))
     assert config.kafka.security_protocol == "SASL_SSL"
     assert config.kafka.ssl_cafile == Path("/etc/raft-stream/kafka-tls/ca/ca.crt")
+    assert config.kafka.sasl_password_file == Path("/etc/raft-stream/kafka-sasl/password")
     (deployment,) = find("keda", "Deployment")
-    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
-    secret = env[config.kafka.sasl_password_env]["valueFrom"]["secretKeyRef"]
-    assert secret == {"name": "raft-stream", "key": "password"}
-    assert "password" not in _config_of("keda", tmp_path).read_text().replace("password_env", "")
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "kafka-sasl"]
+    assert mount == {
+        "name": "kafka-sasl",
+        "mountPath": "/etc/raft-stream/kafka-sasl",
+        "readOnly": True,
+    }
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "kafka-sasl"]
+    assert volume["secret"] == {
+        "secretName": "raft-stream",
+        "items": [{"key": "password", "path": "password"}],
+    }
+    assert not [e for e in pod["containers"][0]["env"] if "valueFrom" in e]
+    assert "password:" not in _config_of("keda", tmp_path).read_text()
+
+
+def test_each_role_is_its_own_kafka_user_with_only_the_acls_it_needs(tmp_path: Path) -> None:
+    users = {u["metadata"]["name"]: u["spec"] for u in find("acls", "KafkaUser")}
+    assert set(users) == {"raft-stream-generator", "raft-stream-trainer"}
+
+    def acls(user: str) -> set[tuple[str, str, str]]:
+        return {
+            (rule["resource"]["type"], rule["resource"]["name"], op)
+            for rule in users[user]["authorization"]["acls"]
+            for op in rule["operations"]
+        }
+
+    generator, trainer = acls("raft-stream-generator"), acls("raft-stream-trainer")
+    assert {op for kind, name, op in generator if name == "raft.prompts"} == {"Read", "Describe"}
+    assert ("group", "raft-generators", "Read") in generator
+    assert ("topic", "raft.samples", "Write") in generator
+    assert ("topic", "raft.dead-letter", "Write") in generator
+    assert ("topic", "raft.adapters", "Read") in generator
+    assert ("topic", "raft.adapters", "Write") not in generator  # cannot announce versions
+    assert ("topic", "raft.samples", "Read") in trainer
+    assert ("group", "raft-trainer", "Read") in trainer
+    assert ("topic", "raft.adapters", "Write") in trainer
+    assert ("topic", "raft.dead-letter", "Write") in trainer
+    assert not {a for a in trainer if a[1] == "raft.prompts"}  # trainers never see prompts
+    assert not {a for a in generator | trainer if a[0] == "cluster" or a[2] == "Create"}
+    for workload in find("acls", "Deployment") + find("acls", "StatefulSet"):
+        pod = workload["spec"]["template"]["spec"]
+        user = workload["metadata"]["name"]  # raft-stream-generator / raft-stream-trainer
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert env["RAFT_STREAM_KAFKA__SASL_USERNAME"] == user
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "kafka-sasl"]
+        assert volume["secret"]["secretName"] == user  # the Secret Strimzi creates for it
+    config = load_config(_config_of("acls", tmp_path))
+    assert config.adapters.signing_key_file == Path("/etc/raft-stream/adapters-signing/key")
+
+
+def test_kafka_users_with_mutual_tls_mount_their_client_certificates() -> None:
+    rendered = render(
+        {
+            "kafka": {"securityProtocol": "SSL"},
+            "strimzi": {"users": {"enabled": True, "authentication": "tls"}},
+        }
+    )
+    (deployment,) = yaml.safe_load_all(rendered["raft-stream/templates/generator-deployment.yaml"])
+    pod = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "kafka-client"]
+    assert volume["secret"]["secretName"] == "raft-stream-generator"
+    assert not [v for v in pod["volumes"] if v["name"] == "kafka-sasl"]
+    config = yaml.safe_load(
+        yaml.safe_load(rendered["raft-stream/templates/configmap.yaml"])["data"]["config.yaml"]
+    )
+    assert config["kafka"]["ssl_certfile"] == "/etc/raft-stream/kafka-tls/client/user.crt"
 
 
 def test_servicemonitor_selects_the_metrics_service() -> None:

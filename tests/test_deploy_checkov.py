@@ -21,8 +21,6 @@ from tests.chart import MODES, ROOT, objects
 SKIPPED = {
     "CKV_K8S_43": "Image should use digest: the digest exists only once the image is pushed; "
     "production installs set image.digest (docs/deploy.md).",
-    "CKV_K8S_35": "Secrets as files, not env vars: the daemon reads the SASL password from the "
-    "variable named by kafka.sasl_password_env (RaftConfig has no password-file key yet).",
 }
 INSTALL = (
     "python3 -m venv .cache/tools/checkov && .cache/tools/checkov/bin/pip install checkov==3.3.30"

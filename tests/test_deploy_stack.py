@@ -85,3 +85,31 @@ def test_yaml_files_pass_yamllint() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_sasl_override_reads_its_secrets_from_files_only() -> None:
+    base = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    override = yaml.safe_load((DEPLOY / "compose.sasl.yaml").read_text())
+    services = override["services"]
+    assert set(services) <= set(base) | {"kafka-secrets"}
+    assert services["kafka-secrets"]["image"] == base["kafka"]["image"]  # pinned, as the base
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name}: {source}"
+            else:
+                assert source in override["volumes"], f"{name}: {source}"
+    for script in (DEPLOY / "compose" / "sasl").glob("*.sh"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    kafka_env = services["kafka"]["environment"]
+    assert "SECURE:SASL_SSL" in kafka_env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+    assert not [key for key in kafka_env if "PASSWORD" in key or "JAAS" in key]
+    config = load_config(DEPLOY / "compose" / "config.sasl.yaml")
+    assert config.kafka.security_protocol == "SASL_SSL"
+    assert config.kafka.bootstrap_servers == "kafka:9094"
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in services["raft-stream"]["volumes"]}
+    assert mounted["/etc/raft-stream/kafka"] == "kafka-secrets"
+    assert config.kafka.sasl_password_file == Path("/etc/raft-stream/kafka/password")
+    assert config.kafka.ssl_cafile == Path("/etc/raft-stream/kafka/ca.crt")
+    assert "environment" not in services["raft-stream"]  # no password in the environment

@@ -29,7 +29,7 @@ from raft_stream.roles.adapters import announcement_of
 from raft_stream.roles.health import BrokerProbe
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import StreamProducer, ensure_topics
-from raft_stream.training.store import AdapterStore, folder_sha256
+from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 from tests import role_rewards
 from tests.roles_support import (
@@ -409,17 +409,24 @@ def test_a_corrupt_or_missing_adapter_is_refused_and_the_served_one_keeps_servin
     tiny_lora_adapters: list[AdapterVersion],
     tmp_path: Path,
 ) -> None:
-    cfg = role_config(kafka_config(), tmp_path / "state", tiny_model_dir)
-    good = tiny_lora_adapters[0]
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(tiny_lora_adapters[1].path, corrupt)
-    unloadable = tmp_path / "unloadable"  # checksum fine, but no adapter vLLM can load
-    unloadable.mkdir()
-    (unloadable / "adapter_config.json").write_text('{"r": "not a rank"}')
+    store = AdapterStore(tmp_path / "adapters", base_model=str(tiny_model_dir))
 
-    def announcement(version: int, path: Path, sha256: str | None = None) -> dict[str, object]:
-        adapter = AdapterVersion(version, path, sha256 or folder_sha256(path), "tiny", time.time())
-        return announcement_of(adapter)
+    def stored(adapter: AdapterVersion | None) -> AdapterVersion:
+        def save(folder: Path) -> None:
+            if adapter is None:  # checksum fine, but no adapter vLLM can load
+                (folder / "adapter_config.json").write_text('{"r": "not a rank"}')
+            else:
+                shutil.copytree(adapter.path, folder, dirs_exist_ok=True)
+
+        return store.write(save, {})
+
+    good = stored(tiny_lora_adapters[0])  # v1
+    corrupt = stored(tiny_lora_adapters[1])  # v2, rots on the volume below
+    unloadable = stored(None)  # v3
+    later = stored(tiny_lora_adapters[2])  # v4
+    cfg = role_config(
+        kafka_config(), tmp_path / "state", tiny_model_dir, **{"store.root": str(store.root)}
+    )
 
     def announce_all(*messages: dict[str, object]) -> None:
         ensure_topics(cfg.kafka, [cfg.kafka.topics.adapters])
@@ -428,16 +435,16 @@ def test_a_corrupt_or_missing_adapter_is_refused_and_the_served_one_keeps_servin
 
     failures = "raft_stream_adapter_load_failures_total"
     with running_roles(cfg, vllm_generator, tiny_model_dir, trainer=False) as roles:
-        announce_all(announcement(1, good.path))
+        announce_all(announcement_of(good))
         wait_for(lambda: roles.generator.served_version == 1, 30, "v1 served")
 
-        sha = folder_sha256(corrupt)
-        (corrupt / "adapter_model.safetensors").write_bytes(b"bit rot")
-        announce_all(announcement(2, corrupt, sha))
+        (corrupt.path / "adapter_model.safetensors").write_bytes(b"bit rot")
+        announce_all(announcement_of(corrupt))
         wait_for(lambda: roles.metric(failures, reason="checksum_mismatch") == 1, 30, "refusal")
-        announce_all(announcement(3, tmp_path / "gone", "0" * 64))
+        gone = {**announcement_of(later), "version": 5, "uri": f"{store.root.as_uri()}/v000005"}
+        announce_all(gone)
         wait_for(lambda: roles.metric(failures, reason="fetch_failed") == 1, 30, "refusal")
-        announce_all(announcement(4, unloadable))
+        announce_all(announcement_of(unloadable))
         wait_for(lambda: roles.metric(failures, reason="engine_error") == 1, 30, "refusal")
         assert roles.generator.served_version == 1
 
@@ -447,9 +454,11 @@ def test_a_corrupt_or_missing_adapter_is_refused_and_the_served_one_keeps_servin
         samples.close()
         assert {s.adapter_version for s in got} == {1}
 
-        announce_all(announcement(5, tiny_lora_adapters[2].path))
-        wait_for(lambda: roles.generator.served_version == 5, 30, "a good version after bad ones")
+        # Older than the refused v5: a refused version number holds nothing back.
+        announce_all(announcement_of(later))
+        wait_for(lambda: roles.generator.served_version == 4, 30, "a good version after bad ones")
         assert roles.alive()
+    store.close()
 
 
 def test_a_pinned_version_is_served_and_newer_announcements_wait(

@@ -1,5 +1,5 @@
 """The roles' small parts that need no broker or engine: shutdown, heartbeats, backoff,
-JSON log lines, adapter fetching and checksum checks."""
+JSON log lines, where adapters live (their trust checks: test_adapter_trust.py)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bench.crash_trials import process_state
 from raft_stream.config import load_config
-from raft_stream.roles.adapters import AdapterFetchError, adapter_store_root, fetch_adapter
+from raft_stream.roles.adapters import adapter_store_root
 from raft_stream.roles.lifecycle import EXIT_GRACE_EXPIRED, Backoff, Heartbeats, Shutdown
 from raft_stream.roles.logs import JsonFormatter
-from raft_stream.stream.schema import AdapterAnnouncement
-from raft_stream.training.store import folder_sha256
 
 
 def test_shutdown_starts_the_grace_period_once() -> None:
@@ -72,38 +69,6 @@ def test_json_log_lines_carry_the_extra_fields_and_the_traceback() -> None:
     assert line["level"] == "ERROR" and line["logger"] == "raft_stream.roles.trainer"
     assert line["msg"] == "round 3 failed" and line["adapter_version"] == 3
     assert "No space left on device" in line["exc"] and line["ts"].endswith("+00:00")
-
-
-def _announce(path: Path, sha256: str, uri: str | None = None) -> AdapterAnnouncement:
-    return AdapterAnnouncement(3, sha256, uri or path.resolve().as_uri(), "tiny", 0.0)
-
-
-def test_fetch_adapter_verifies_the_checksum_of_a_file_uri(tmp_path: Path) -> None:
-    (tmp_path / "adapter_config.json").write_text("{}")
-    adapter = fetch_adapter(_announce(tmp_path, folder_sha256(tmp_path)))
-    assert adapter.path == tmp_path and adapter.version == 3
-
-
-@pytest.mark.parametrize(
-    ("make", "reason", "message"),
-    [
-        (lambda p: _announce(p, "0" * 64), "checksum_mismatch", "fails its checksum"),
-        (lambda p: _announce(p / "missing", "0" * 64), "fetch_failed", "no adapter folder"),
-        (
-            lambda p: _announce(p, "0" * 64, "s3://bucket/v3"),
-            "fetch_failed",
-            "'s3' .* not supported",
-        ),
-        (lambda p: _announce(p, "0" * 64, "file://elsewhere/v3"), "fetch_failed", "another host"),
-    ],
-)
-def test_fetch_adapter_refuses_with_a_metric_reason(
-    tmp_path: Path, make: Callable[[Path], AdapterAnnouncement], reason: str, message: str
-) -> None:
-    (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(AdapterFetchError, match=message) as caught:
-        fetch_adapter(make(tmp_path))
-    assert caught.value.reason == reason
 
 
 def test_adapters_live_under_the_state_dir_unless_store_root_is_set(tmp_path: Path) -> None:

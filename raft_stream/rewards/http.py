@@ -6,6 +6,7 @@ Protocol (``raft_stream.rewards.server`` implements the server side)::
     200  {"rewards": [0.5, null]}     # null: the service could not score that sample
 
 A null becomes NaN, so SafeReward rejects that sample alone (``reward_nonfinite``).
+With a ``token`` (``reward.token_file``) each request carries ``Authorization: Bearer``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ class HttpReward:
     """
 
     def __init__(
-        self, url: str, *, timeout_s: float = 30.0, session: requests.Session | None = None
+        self,
+        url: str,
+        *,
+        timeout_s: float = 30.0,
+        token: str | None = None,
+        session: requests.Session | None = None,
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s
         self.session = session or requests.Session()
+        if token is not None:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         check_pairs(prompts, responses)

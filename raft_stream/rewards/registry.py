@@ -53,10 +53,12 @@ def build_reward(cfg: RewardConfig) -> RewardFunction:
 
         reward = LearnedSentimentReward(score_prompt=cfg.score_prompt)
     elif cfg.kind == "http":
+        from raft_stream.config import read_secret
         from raft_stream.rewards.http import HttpReward
 
         assert cfg.url is not None
-        reward = HttpReward(cfg.url, timeout_s=cfg.timeout_s)
+        token = None if cfg.token_file is None else read_secret(cfg.token_file, "reward.token_file")
+        reward = HttpReward(cfg.url, timeout_s=cfg.timeout_s, token=token)
     else:  # pragma: no cover - RewardConfig.kind is a Literal
         raise AssertionError(f"unhandled reward kind {cfg.kind!r}")
     return reward if cfg.scale == 1.0 else ScaledReward(reward, cfg.scale)

@@ -15,10 +15,11 @@ A step that fails for one prompt (formatting, encoding: a bug that prompt trigge
 dead-letters that prompt (``internal_error``) and the batch goes on; a failure of the
 engine itself ends the role (EngineFailure), for its supervisor to restart.
 
-Between batches it follows the adapters topic: a newer version is fetched, its checksum
-verified and loaded into the engine, and the next batch uses it (so the batch in flight
-finishes on the old one). An adapter that fails any of that is refused with a log line
-and a metric, and the old one keeps serving.
+Between batches it follows the adapters topic: the newest announced version that passes
+the trust checks (``roles.adapters``: signature, base model, lineage, place in the store,
+manifest, bounded checksum) and loads into the engine is served by the next batch (so the
+batch in flight finishes on the old one). A version that fails any of that is refused with
+a log line and a counted reason, the next newest is tried, and the old one keeps serving.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from raft_stream.ranking import Selection
 from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.roles.adapters import (
+    ENGINE_ERROR,
     AdapterFetchError,
+    AdapterTrust,
     AdapterWatcher,
     adapter_store_root,
     fetch_adapter,
@@ -112,6 +115,7 @@ class GeneratorRole:
         )
         self.adapter: AdapterVersion | None = None
         """The version new batches use; None is the base model (version 0)."""
+        self.trust = AdapterTrust.from_config(cfg)
         self.ready = False
         self.batches = 0
         self._previous: AdapterVersion | None = None
@@ -156,13 +160,11 @@ class GeneratorRole:
         try:
             self.metrics.set_served_version(self.served_version)
             pinned = self.cfg.store.pinned_version
-            start_on = (
-                stored_announcement(adapter_store_root(self.cfg), pinned)
-                if pinned is not None
-                else watcher.catch_up(timeout_s=2.0)
-            )
-            if start_on is not None:
-                self._switch(start_on)
+            if pinned is not None:
+                root = adapter_store_root(self.cfg)
+                self._switch(stored_announcement(root, pinned, self.trust.key))
+            else:
+                self._serve_newest(watcher.catch_up(timeout_s=2.0))
             self.ready = True
             log.info("generator serving", extra={"adapter_version": self.served_version})
             while not self.shutdown.requested:
@@ -265,7 +267,7 @@ class GeneratorRole:
         except AdapterError as err:
             if self.adapter is None:
                 raise
-            self._refuse(self.adapter.version, "engine_error", err)
+            self._refuse(self.adapter.version, ENGINE_ERROR, err)
             # The one served before loaded fine; a failure of that one falls back to base.
             self.adapter, self._previous = self._previous, None
             self.metrics.set_served_version(self.served_version)
@@ -325,26 +327,34 @@ class GeneratorRole:
         if now < self._next_adapter_check:
             return
         self._next_adapter_check = now + self.cfg.daemon.adapter_poll_interval_s
-        announcement = watcher.poll()
-        if announcement is not None and announcement.version > self.served_version:
-            self._switch(announcement)
+        self._serve_newest(watcher.poll())
 
-    def _switch(self, announcement: AdapterAnnouncement) -> None:
-        """Fetch, verify and load a newer version; the next batch uses it."""
-        self.metrics.set_stored_version(announcement.version, announcement.created_at)
+    def _serve_newest(self, announcements: list[AdapterAnnouncement]) -> None:
+        """Switch to the newest of ``announcements`` (newest first) newer than the served
+        version that passes the checks; each refused one is counted once."""
+        for announcement in announcements:
+            if announcement.version <= self.served_version:
+                return
+            if self._switch(announcement):
+                return
+
+    def _switch(self, announcement: AdapterAnnouncement) -> bool:
+        """Fetch, verify and load a version; the next batch uses it. False: refused."""
         started = time.perf_counter()
         try:
-            adapter = fetch_adapter(announcement)
+            adapter = fetch_adapter(announcement, self.trust)
         except AdapterFetchError as err:
             self._refuse(announcement.version, err.reason, err)
-            return
+            return False
         try:
             # Load it now, not in the next batch: a bad folder fails here, and a batch
             # never pays for the load.
             self.generator.generate([self.formatter.text("hello")], _PROBE, adapter)
         except Exception as err:  # the engine raises assorted types for a bad adapter
-            self._refuse(announcement.version, "engine_error", err)
-            return
+            self._refuse(announcement.version, ENGINE_ERROR, err)
+            return False
+        # Only a verified version is recorded: a forged one must not move the gauge.
+        self.metrics.set_stored_version(adapter.version, adapter.created_at)
         self._previous, self.adapter = self.adapter, adapter
         self.metrics.set_served_version(adapter.version)
         log.info(
@@ -353,9 +363,10 @@ class GeneratorRole:
                 "adapter_version": adapter.version,
                 "previous_version": self._previous.version if self._previous else 0,
                 "load_s": round(time.perf_counter() - started, 3),
-                "since_stored_s": round(time.time() - announcement.created_at, 3),
+                "since_stored_s": round(time.time() - adapter.created_at, 3),
             },
         )
+        return True
 
     def _refuse(self, version: int, reason: str, err: Exception) -> None:
         self.metrics.count_adapter_load_failure(reason)

@@ -8,8 +8,13 @@ the loop (the only user of the Kafka consumer):
 1. drops the trained samples from the buffer and saves the buffer;
 2. commits the offsets of everything consumed so far (what is not trained yet is in the
    saved buffer, so a crash loses nothing);
-3. announces the version on the adapters topic (a crash before this is healed at the next
-   start, which announces the latest version again).
+3. announces the version on the adapters topic, stamped with the store's lineage and
+   signed with ``adapters.signing_key_file`` when set (a crash before this is healed at the
+   next start, which announces the latest version again).
+
+The trainer holds the adapter store's writer lock from construction until ``run`` returns:
+a second trainer on the same store refuses to start (StoreLockedError names the holder),
+so it can neither write versions nor take this one's sample partitions.
 
 The trainer does not trust the ``reward`` a sample carries: a kept sample whose reward is
 missing, non-finite or outside ``buffer.reward_min..reward_max`` is dead-lettered
@@ -36,7 +41,7 @@ from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, NonFiniteLossError, TrainingError
 from raft_stream.metrics import RaftMetrics
-from raft_stream.roles.adapters import adapter_store_root, announce
+from raft_stream.roles.adapters import adapter_store_root, announce, signing_key
 from raft_stream.roles.cpu_split import pin_this_thread
 from raft_stream.roles.delivery import (
     StreamClients,
@@ -59,6 +64,10 @@ POLL_TIMEOUT_S = 0.5
 """Longest wait for samples; bounds how late a finished round is noticed."""
 
 BUFFER_FILE = "buffer.jsonl"
+
+STORE_LOCK_WAIT_S = 10.0
+"""How long a starting trainer waits for the store's previous writer to let go (a killed
+process's engine children can outlive it by a moment); then StoreLockedError."""
 
 
 class AdapterStoreFailure(TrainingError):
@@ -123,8 +132,14 @@ class TrainerRole:
         self.shutdown = shutdown
         self.beat = beat
         state_dir = Path(cfg.daemon.state_dir)
+        self.signing_key = signing_key(cfg)
+        # First: the lock fences off a second trainer before it touches any state. The
+        # base model is stamped as configured, the name generators compare with theirs.
         self.store = AdapterStore(
-            adapter_store_root(cfg), base_model=model_path, keep_last=cfg.store.keep_last
+            adapter_store_root(cfg),
+            base_model=cfg.model.name_or_path,
+            keep_last=cfg.store.keep_last,
+            lock_wait_s=STORE_LOCK_WAIT_S,
         )
         # A kill during a save leaves the temporary file; this process is the only writer.
         for stale in state_dir.glob(f".{BUFFER_FILE}.*.tmp"):
@@ -153,7 +168,13 @@ class TrainerRole:
 
     def run(self) -> None:
         """Serve until shutdown, then drain: wait for a running round within the grace
-        period, save the buffer and commit what it holds."""
+        period, save the buffer and commit what it holds; then release the store."""
+        try:
+            self._serve()
+        finally:
+            self.store.close()
+
+    def _serve(self) -> None:
         self._trainer = self._load_trainer()
         topics = self.cfg.kafka.topics
         clients = open_clients(
@@ -296,7 +317,9 @@ class TrainerRole:
     def _announce(self, clients: StreamClients[Sample], adapter: AdapterVersion) -> None:
         topic = self.cfg.kafka.topics.adapters
         if until_delivered(
-            lambda timeout_s: announce(clients.producer, topic, adapter, timeout_s),
+            lambda timeout_s: announce(
+                clients.producer, topic, adapter, timeout_s, self.signing_key
+            ),
             self.cfg.kafka.delivery_timeout_s,
             self.shutdown,
             self.beat,

@@ -23,7 +23,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 
-from raft_stream.config import KafkaConfig, SamplingConfig
+from raft_stream.config import KafkaConfig, SamplingConfig, read_secret
 from raft_stream.errors import ConfigError, MessageError, RaftStreamError
 from raft_stream.stream.schema import (
     INTERNAL_ERROR,
@@ -82,6 +82,27 @@ class CommitError(RaftStreamError):
     """
 
 
+def sasl_password(cfg: KafkaConfig) -> str:
+    """The SASL password: from ``kafka.sasl_password_file`` or the environment variable
+    ``kafka.sasl_password_env`` names, exactly one of them (ConfigError otherwise)."""
+    from_env = os.environ.get(cfg.sasl_password_env)
+    if cfg.sasl_password_file is not None:
+        if from_env is not None:
+            raise ConfigError(
+                f"kafka.sasl_password_file ({cfg.sasl_password_file}) and the environment "
+                f"variable {cfg.sasl_password_env} (kafka.sasl_password_env) are both set; "
+                "set only one"
+            )
+        return read_secret(cfg.sasl_password_file, "kafka.sasl_password_file")
+    if from_env is None:
+        raise ConfigError(
+            f"kafka.security_protocol is {cfg.security_protocol} but the environment "
+            f"variable {cfg.sasl_password_env} (kafka.sasl_password_env) is not set; set it, "
+            "or set kafka.sasl_password_file to a file holding the password"
+        )
+    return from_env
+
+
 def kafka_client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
     """Connection settings shared by every client: servers, security, SASL and SSL."""
     if not cfg.bootstrap_servers:
@@ -95,12 +116,7 @@ def kafka_client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
         "client_id": "raft-stream",
     }
     if cfg.security_protocol.startswith("SASL"):
-        password = os.environ.get(cfg.sasl_password_env)
-        if password is None:
-            raise ConfigError(
-                f"kafka.security_protocol is {cfg.security_protocol} but the environment "
-                f"variable {cfg.sasl_password_env} (kafka.sasl_password_env) is not set"
-            )
+        password = sasl_password(cfg)
         kwargs |= {
             "sasl_mechanism": cfg.sasl_mechanism or "PLAIN",
             "sasl_plain_username": cfg.sasl_username,

@@ -409,9 +409,15 @@ class AdapterAnnouncement:
     base_model: str
     created_at: float
     metrics: dict[str, float] = field(default_factory=dict)
+    lineage: str | None = None
+    """Id of the adapter store (and so the trainer) that wrote the version."""
+    signature: str | None = None
+    """Hex HMAC-SHA256 of the other fields (``roles.adapters.signature_of``); None: unsigned."""
 
 
-def encode_adapter(adapter: AdapterVersion, uri: str | None = None) -> dict[str, Any]:
+def encode_adapter(
+    adapter: AdapterVersion, uri: str | None = None, signature: str | None = None
+) -> dict[str, Any]:
     """An adapter announcement; ``uri`` defaults to the version folder's file:// URI."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -421,6 +427,8 @@ def encode_adapter(adapter: AdapterVersion, uri: str | None = None) -> dict[str,
         "base_model": adapter.base_model,
         "metrics": dict(adapter.metrics),
         "created_at": adapter.created_at,
+        "lineage": adapter.lineage,
+        "signature": signature,
     }
 
 
@@ -440,6 +448,8 @@ def decode_adapter(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> AdapterA
         base_model=_field(obj, "base_model", "str"),
         created_at=float(_field(obj, "created_at", "number")),
         metrics={name: float(metric) for name, metric in metrics.items()},
+        lineage=_field(obj, "lineage", "str", required=False),
+        signature=_field(obj, "signature", "str", required=False),
     )
 
 

@@ -23,11 +23,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from raft_stream.config import TrainingConfig
 from raft_stream.errors import NonFiniteLossError, TrainingError
+from raft_stream.training.store import TRAINER_STATE
 from raft_stream.types import AdapterVersion, Sample
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE_DIR = "trainer_state"
 IGNORE_INDEX = -100
 
 
@@ -122,7 +122,7 @@ class LoRATrainer:
         self.rounds = 0
         self.optimizer_steps = 0
         if resume_from is not None:
-            self._load_state(resume_from.path / TRAINER_STATE_DIR)
+            self._load_state(resume_from.path / TRAINER_STATE)
 
     def _collate(self, encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids, _ in encoded)
@@ -207,7 +207,7 @@ class LoRATrainer:
     def save(self, folder: Path) -> None:
         """Write the adapter (peft format, loadable by vLLM) and the trainer state."""
         self.model.save_pretrained(str(folder))
-        state_dir = folder / TRAINER_STATE_DIR
+        state_dir = folder / TRAINER_STATE
         state_dir.mkdir(exist_ok=True)
         torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
         (state_dir / "state.json").write_text(

@@ -2,45 +2,125 @@
 
 Layout under ``root``::
 
-    v000001/            one complete version: adapter files, trainer state, manifest.json
+    v000001/            one complete version: adapter files, trainer_state/, manifest.json
     v000002/
     latest              the newest complete version number, replaced last
+    lineage             this store's id, created once by its first writer
+    .writer.lock        held (flock) by the one writer; names its pid and host
 
 A version is written into a hidden temporary folder and renamed into place, so a reader
 (or a restart after a crash) only ever sees complete versions; ``latest`` is replaced after
 the rename, so it never points at a missing one.
+
+The manifest's ``sha256`` covers the adapter (weights and config) that generators load;
+``trainer_state_sha256`` covers the optimizer state beside it, which only the trainer reads.
+So a generator hashes what it serves and nothing more, within a size it bounds.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
-from raft_stream.errors import AdapterError
+from raft_stream.errors import AdapterError, RaftStreamError
 from raft_stream.types import AdapterVersion
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+LINEAGE = "lineage"
+WRITER_LOCK = ".writer.lock"
+TRAINER_STATE = "trainer_state"
+"""Subfolder of a version with the optimizer state; the trainer's alone, never served."""
+
+MAX_ADAPTER_FILES = 1000
+"""Most files one adapter version may hold (peft writes two); more is not an adapter."""
 
 
-def folder_sha256(folder: Path) -> str:
-    """sha256 over every file below ``folder`` but the manifest: relative path, then bytes."""
+class AdapterTooLargeError(AdapterError):
+    """An adapter version holds more bytes (or files) than the reader agreed to hash."""
+
+
+class StoreLockedError(RaftStreamError):
+    """Another writer (trainer) holds the adapter store; the message names it."""
+
+
+def _files_below(folder: Path, skip: Iterable[str]) -> list[Path]:
+    """Regular files below ``folder``, sorted, leaving out the top-level names in ``skip``.
+
+    A symlink anywhere is an AdapterError: it could make a reader hash or load files
+    outside the version folder. At most MAX_ADAPTER_FILES (AdapterTooLargeError).
+    """
+    skipped = set(skip)
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        if here == folder:
+            dirnames[:] = [d for d in dirnames if d not in skipped]
+            filenames = [f for f in filenames if f not in skipped]
+        for name in [*dirnames, *filenames]:
+            if (here / name).is_symlink():
+                raise AdapterError(f"{here / name} is a symlink; adapter versions hold none")
+        found += [here / name for name in filenames]
+        if len(found) > MAX_ADAPTER_FILES:
+            raise AdapterTooLargeError(
+                f"{folder} holds more than {MAX_ADAPTER_FILES} files: not an adapter version"
+            )
+    return sorted(found)
+
+
+def _sha256_of(folder: Path, files: list[Path], max_bytes: int | None) -> str:
+    """sha256 over ``files``: relative path, NUL, bytes; refuses past ``max_bytes``."""
+    if max_bytes is not None:
+        total = sum(path.stat().st_size for path in files)
+        if total > max_bytes:
+            raise AdapterTooLargeError(
+                f"{folder} holds {total} bytes of adapter files, over the limit of {max_bytes}"
+            )
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    read = 0
+    for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
+                read += len(chunk)
+                if max_bytes is not None and read > max_bytes:  # a file grew meanwhile
+                    raise AdapterTooLargeError(f"{folder} grew past {max_bytes} bytes")
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def adapter_sha256(folder: Path, max_bytes: int | None = None) -> str:
+    """sha256 of what a generator loads: every file below ``folder`` but the manifest and
+    the trainer state; AdapterTooLargeError past ``max_bytes`` (None: no limit)."""
+    return _sha256_of(folder, _files_below(folder, (MANIFEST, TRAINER_STATE)), max_bytes)
+
+
+def trainer_state_sha256(folder: Path) -> str:
+    """sha256 of a version's trainer state (``trainer_state/``)."""
+    return _sha256_of(folder, _files_below(folder / TRAINER_STATE, ()), None)
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 over every file below ``folder`` but the manifest: relative path, then bytes.
+
+    The checksum of manifests written before ``trainer_state_sha256`` existed; equal to
+    ``adapter_sha256`` for a folder without trainer state.
+    """
+    return _sha256_of(folder, _files_below(folder, (MANIFEST,)), None)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -70,33 +150,126 @@ def read_version(folder: Path, verify: bool = False) -> AdapterVersion:
         base_model=manifest["base_model"],
         created_at=float(manifest["created_at"]),
         metrics=manifest.get("metrics", {}),
+        lineage=manifest.get("lineage"),
     )
     if verify:
-        actual = folder_sha256(folder)
-        if actual != adapter.sha256:
-            raise AdapterError(
-                f"adapter {folder} fails its checksum: manifest says {adapter.sha256[:12]}, "
-                f"files hash to {actual[:12]}"
-            )
+        state_sha = manifest.get("trainer_state_sha256")
+        if state_sha is None:  # written before the adapter and its state had checksums apart
+            _check_sha256(folder, "files", adapter.sha256, folder_sha256(folder))
+        else:
+            _check_sha256(folder, "adapter files", adapter.sha256, adapter_sha256(folder))
+            _check_sha256(folder, "trainer state", state_sha, trainer_state_sha256(folder))
     return adapter
+
+
+def _check_sha256(folder: Path, what: str, expected: str, actual: str) -> None:
+    if actual != expected:
+        raise AdapterError(
+            f"adapter {folder} fails its checksum: manifest says {expected[:12]}, "
+            f"{what} hash to {actual[:12]}"
+        )
+
+
+class StoreLock:
+    """An exclusive ``flock`` on ``root/.writer.lock``, held for the writer's life.
+
+    The file names the holder (pid, host, since), so a second writer's error says who to
+    stop. The kernel drops the lock when the holder's process dies, however it dies (and
+    every child it forked with the descriptor, hence ``wait_s`` for a restart).
+    """
+
+    def __init__(self, root: Path, wait_s: float = 0.0) -> None:
+        self._fd: int | None = None
+        self.path = root / WRITER_LOCK
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"the adapter store at {root} is held by another trainer "
+                        f"({holder or 'unknown'}; waited {wait_s:g} s); one trainer writes a "
+                        "store: stop that one, or give this one its own store.root (and its "
+                        "own topics and kafka.trainer_group)"
+                    ) from None
+                time.sleep(0.1)
+        holder = f"pid {os.getpid()} on host {socket.gethostname()} since {time.ctime()}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __del__(self) -> None:  # a writer dropped without close() must not keep the store
+        self.release()
+
+
+def read_lineage(root: Path) -> str | None:
+    """The lineage id of the store at ``root``; None before its first writer opened it."""
+    try:
+        return (Path(root) / LINEAGE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 class AdapterStore:
     """Writes and reads adapter versions under one root folder.
 
-    One writer (the trainer) per root; any number of ``readonly`` readers (generators).
+    One writer (the trainer) per root, enforced by a lock held until ``close``
+    (StoreLockedError for a second one); any number of ``readonly`` readers (generators).
+    The first writer creates the store's ``lineage`` id, stamped on every version.
     """
 
     def __init__(
-        self, root: Path, base_model: str, keep_last: int = 5, readonly: bool = False
+        self,
+        root: Path,
+        base_model: str,
+        keep_last: int = 5,
+        readonly: bool = False,
+        lock_wait_s: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.base_model = base_model
         self.keep_last = keep_last
         self.readonly = readonly
+        self._lock: StoreLock | None = None
         if not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._lock = StoreLock(self.root, lock_wait_s)
             self._remove_stale_temporaries()
+            if read_lineage(self.root) is None:
+                tmp = self.root / f".lineage.{uuid.uuid4().hex}"
+                tmp.write_text(f"{uuid.uuid4().hex}\n")
+                os.replace(tmp, self.root / LINEAGE)
+        self.lineage = read_lineage(self.root)
+
+    def close(self) -> None:
+        """Release the writer's lock (a reader has none); the store stays readable."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     def _remove_stale_temporaries(self) -> None:
         # Left by the writer's crash mid-write; only the (single) writer may delete them.
@@ -149,8 +322,10 @@ class AdapterStore:
             save(tmp)
             manifest = {
                 "version": version,
-                "sha256": folder_sha256(tmp),
+                "sha256": adapter_sha256(tmp),
+                "trainer_state_sha256": trainer_state_sha256(tmp),
                 "base_model": self.base_model,
+                "lineage": self.lineage,
                 "created_at": time.time(),
                 "metrics": metrics,
             }
@@ -168,6 +343,8 @@ class AdapterStore:
     def _check_writable(self) -> None:
         if self.readonly:
             raise AdapterError(f"the adapter store at {self.root} was opened read-only")
+        if self._lock is None:
+            raise AdapterError(f"the adapter store at {self.root} was closed")
 
     def _prune(self) -> None:
         pointer = self.latest()

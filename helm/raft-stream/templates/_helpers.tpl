@@ -67,6 +67,58 @@ app.kubernetes.io/component: {{ .component }}
 {{- if eq .Values.mode "split" }}{{ .Values.adapters.sharedVolume.mountPath }}{{ else }}{{ include "raft-stream.stateDir" . }}/adapters{{ end }}
 {{- end }}
 {{- define "raft-stream.kafkaTlsDir" -}}/etc/raft-stream/kafka-tls{{- end }}
+{{- define "raft-stream.saslPasswordFile" -}}/etc/raft-stream/kafka-sasl/password{{- end }}
+{{- define "raft-stream.signingKeyFile" -}}/etc/raft-stream/adapters-signing/key{{- end }}
+
+{{/*
+Kafka credentials of one component's pods: pass (dict "root" $ "component" "generator").
+With strimzi.users each role is the KafkaUser <fullname>-<component>, whose Secret the
+User Operator creates (key "password" for scram-sha-512, user.crt/user.key for tls);
+otherwise every pod uses kafka.sasl / kafka.ssl.clientSecret. Renders YAML: username,
+passwordSecret, passwordKey, clientSecret.
+*/}}
+{{- define "raft-stream.kafkaCredentials" -}}
+{{- $v := .root.Values }}
+{{- $users := $v.strimzi.users }}
+{{- $user := printf "%s-%s" (include "raft-stream.fullname" .root) .component }}
+{{- $scram := and $users.enabled (eq $users.authentication "scram-sha-512") }}
+{{- $mtls := and $users.enabled (eq $users.authentication "tls") }}
+username: {{ ternary $user $v.kafka.sasl.username $scram | quote }}
+passwordSecret: {{ ternary $user $v.kafka.sasl.passwordSecret.name $scram | quote }}
+passwordKey: {{ ternary "password" $v.kafka.sasl.passwordSecret.key $scram | quote }}
+clientSecret: {{ ternary $user $v.kafka.ssl.clientSecret.name $mtls | quote }}
+{{- end }}
+
+{{/*
+The Strimzi KafkaUser ACLs of one role: pass (dict "root" $ "role" "generator|trainer").
+Read and Write imply Describe; Create is added when the daemon creates topics.
+*/}}
+{{- define "raft-stream.kafkaAcls" -}}
+{{- $v := .root.Values }}
+{{- $t := $v.kafka.topics }}
+{{- $create := ternary (list "Create") (list) $v.kafka.createTopics }}
+{{- $rules := list }}
+{{- if eq .role "generator" }}
+{{- $rules = list
+  (list "topic" $t.prompts (list "Read" "Describe"))
+  (list "group" $v.kafka.generatorGroup (list "Read"))
+  (list "topic" $t.samples (list "Write" "Describe"))
+  (list "topic" $t.deadLetter (list "Write" "Describe"))
+  (list "topic" $t.adapters (list "Read" "Describe")) }}
+{{- else }}
+{{- $rules = list
+  (list "topic" $t.samples (list "Read" "Describe"))
+  (list "group" $v.kafka.trainerGroup (list "Read"))
+  (list "topic" $t.adapters (list "Write" "Describe"))
+  (list "topic" $t.deadLetter (list "Write" "Describe")) }}
+{{- end }}
+{{- range $rule := $rules }}
+{{- $ops := index $rule 2 }}
+{{- if eq (index $rule 0) "topic" }}{{ $ops = concat $ops $create }}{{ end }}
+- resource: {type: {{ index $rule 0 }}, name: {{ index $rule 1 | quote }}, patternType: literal}
+  operations: [{{ join ", " $ops }}]
+{{- end }}
+{{- end }}
 
 {{/*
 The daemon's config.yaml: RaftConfig's schema (raft_stream/config.py), built from the values.
@@ -87,17 +139,22 @@ tests/test_deploy_chart.py loads it with raft_stream.config.load_config for ever
   "create_topics" $v.kafka.createTopics
   "generator_group" $v.kafka.generatorGroup
   "trainer_group" $v.kafka.trainerGroup
-  "security_protocol" $v.kafka.securityProtocol
-  "sasl_password_env" $v.kafka.sasl.passwordEnv }}
+  "security_protocol" $v.kafka.securityProtocol }}
+{{- $users := $v.strimzi.users }}
 {{- with $v.kafka.sasl.mechanism }}{{ $_ := set $kafka "sasl_mechanism" . }}{{ end }}
 {{- with $v.kafka.sasl.username }}{{ $_ := set $kafka "sasl_username" . }}{{ end }}
+{{- if or $v.kafka.sasl.passwordSecret.name (and $users.enabled (eq $users.authentication "scram-sha-512")) }}
+{{- $_ := set $kafka "sasl_password_file" (include "raft-stream.saslPasswordFile" .) }}
+{{- end }}
 {{- if $v.kafka.ssl.caSecret.name }}{{ $_ := set $kafka "ssl_cafile" (printf "%s/ca/%s" $tls $v.kafka.ssl.caSecret.key) }}{{ end }}
-{{- if $v.kafka.ssl.clientSecret.name }}
+{{- if or $v.kafka.ssl.clientSecret.name (and $users.enabled (eq $users.authentication "tls")) }}
 {{- $_ := set $kafka "ssl_certfile" (printf "%s/client/%s" $tls $v.kafka.ssl.clientSecret.certKey) }}
 {{- $_ := set $kafka "ssl_keyfile" (printf "%s/client/%s" $tls $v.kafka.ssl.clientSecret.keyKey) }}
 {{- end }}
 {{- $store := dict "root" (include "raft-stream.storeRoot" .) "keep_last" (int $v.adapters.keepLast) }}
 {{- if not (kindIs "invalid" $v.adapters.pinnedVersion) }}{{ $_ := set $store "pinned_version" (int $v.adapters.pinnedVersion) }}{{ end }}
+{{- $adapters := dict }}
+{{- if $v.adapters.signingKeySecret.name }}{{ $_ := set $adapters "signing_key_file" (include "raft-stream.signingKeyFile" .) }}{{ end }}
 {{- $cfg := dict
   "model" (dict
     "name_or_path" (ternary (printf "/models/%s" $v.model.nameOrPath) $v.model.nameOrPath (and (ne $v.model.existingClaim "") (not (hasPrefix "/" $v.model.nameOrPath))))
@@ -154,6 +211,7 @@ tests/test_deploy_chart.py loads it with raft_stream.config.load_config for ever
     "grace_period_s" $v.daemon.gracePeriodSeconds
     "max_pending_batches" (int $v.daemon.maxPendingBatches)
     "adapter_poll_interval_s" $v.daemon.adapterPollIntervalSeconds) }}
+{{- if $adapters }}{{ $_ := set $cfg "adapters" $adapters }}{{ end }}
 {{- toYaml (mergeOverwrite $cfg (deepCopy $v.config)) }}
 {{- end }}
 
@@ -166,6 +224,7 @@ The pod spec of one component. Pass (dict "root" $ "component" "generator" "role
 {{- $v := $root.Values }}
 {{- $spec := .spec }}
 {{- $tls := include "raft-stream.kafkaTlsDir" $root }}
+{{- $creds := include "raft-stream.kafkaCredentials" (dict "root" $root "component" .component) | fromYaml }}
 serviceAccountName: {{ include "raft-stream.serviceAccountName" $root }}
 automountServiceAccountToken: false
 terminationGracePeriodSeconds: {{ add (int $v.daemon.gracePeriodSeconds) 15 }}
@@ -217,16 +276,9 @@ containers:
         value: /tmp
       - name: VLLM_CPU_KVCACHE_SPACE
         value: {{ $v.generation.cpuKvCacheSpaceGib | int | quote }}
-      {{- with $v.kafka.sasl.username }}
+      {{- with $creds.username }}
       - name: RAFT_STREAM_KAFKA__SASL_USERNAME
         value: {{ . | quote }}
-      {{- end }}
-      {{- if $v.kafka.sasl.passwordSecret.name }}
-      - name: {{ $v.kafka.sasl.passwordEnv }}
-        valueFrom:
-          secretKeyRef:
-            name: {{ $v.kafka.sasl.passwordSecret.name }}
-            key: {{ $v.kafka.sasl.passwordSecret.key }}
       {{- end }}
       {{- with $v.extraEnv }}
       {{- toYaml . | nindent 6 }}
@@ -278,9 +330,19 @@ containers:
         mountPath: {{ $tls }}/ca
         readOnly: true
       {{- end }}
-      {{- if $v.kafka.ssl.clientSecret.name }}
+      {{- if $creds.clientSecret }}
       - name: kafka-client
         mountPath: {{ $tls }}/client
+        readOnly: true
+      {{- end }}
+      {{- if $creds.passwordSecret }}
+      - name: kafka-sasl
+        mountPath: {{ include "raft-stream.saslPasswordFile" $root | dir }}
+        readOnly: true
+      {{- end }}
+      {{- if $v.adapters.signingKeySecret.name }}
+      - name: adapters-signing
+        mountPath: {{ include "raft-stream.signingKeyFile" $root | dir }}
         readOnly: true
       {{- end }}
 volumes:
@@ -318,12 +380,26 @@ volumes:
       items:
         - {key: {{ $v.kafka.ssl.caSecret.key | quote }}, path: {{ $v.kafka.ssl.caSecret.key | quote }}}
   {{- end }}
-  {{- if $v.kafka.ssl.clientSecret.name }}
+  {{- if $creds.clientSecret }}
   - name: kafka-client
     secret:
-      secretName: {{ $v.kafka.ssl.clientSecret.name }}
+      secretName: {{ $creds.clientSecret }}
       items:
         - {key: {{ $v.kafka.ssl.clientSecret.certKey | quote }}, path: {{ $v.kafka.ssl.clientSecret.certKey | quote }}}
         - {key: {{ $v.kafka.ssl.clientSecret.keyKey | quote }}, path: {{ $v.kafka.ssl.clientSecret.keyKey | quote }}}
+  {{- end }}
+  {{- if $creds.passwordSecret }}
+  - name: kafka-sasl
+    secret:
+      secretName: {{ $creds.passwordSecret }}
+      items:
+        - {key: {{ $creds.passwordKey | quote }}, path: {{ include "raft-stream.saslPasswordFile" $root | base }}}
+  {{- end }}
+  {{- if $v.adapters.signingKeySecret.name }}
+  - name: adapters-signing
+    secret:
+      secretName: {{ $v.adapters.signingKeySecret.name }}
+      items:
+        - {key: {{ $v.adapters.signingKeySecret.key | quote }}, path: {{ include "raft-stream.signingKeyFile" $root | base }}}
   {{- end }}
 {{- end }}

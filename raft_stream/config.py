@@ -251,6 +251,12 @@ class BufferConfig(_Section):
     """Highest reward the trainer accepts on a sample (e.g. 1.0 for VADER or a
     probability); a sample above it is dead-lettered. None: no upper bound (finite)."""
 
+    rescore: bool = False
+    """The trainer scores every kept sample again with its own reward (the ``reward``
+    section) and buffers that score instead of the ``reward`` the sample carries, so a
+    writer to the samples topic cannot choose what is trained on (one reward call per
+    sample). A sample its reward fails on is rejected (counted), not buffered."""
+
     @model_validator(mode="after")
     def _reward_range_is_a_range(self) -> BufferConfig:
         low, high = self.reward_min, self.reward_max

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from raft_stream.errors import MessageError
@@ -126,15 +127,63 @@ def _serialize(value: Any, ascii_only: bool) -> bytes:
     return json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
 
 
+HOSTILE_VALUES: list[Any] = [
+    10**400,  # float() of it: OverflowError
+    -(10**400),
+    2**63,
+    1.7e308,
+    -0.0,
+    "\ud800",  # a lone surrogate: accepted before, then unencodable
+    "a\udfffb",
+    "a\x00b",
+    "",
+    " ",
+    "x" * 600_000,
+    True,
+    None,
+    [],
+    {},
+    {"k": [1, {"v": "\ud800"}]},
+    _nested(40),
+]
+"""Values that broke (or could break) a decoder, for every field of every record."""
+
+NESTED_FIELDS = {
+    "sampling": ["k", "max_new_tokens", "temperature", "top_p", "seed"],
+    "metadata": ["a", "\ud800"],
+    "metrics": ["loss", "\udc00"],
+}
+
+
+def _with(message: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    changed = dict(message)
+    if len(path) == 1:
+        changed[path[0]] = value
+    else:
+        inner = changed.get(path[0])
+        changed[path[0]] = _with(inner if isinstance(inner, dict) else {}, path[1:], value)
+    return changed
+
+
+def _paths(message: dict[str, Any]) -> list[tuple[str, ...]]:
+    top = [(name,) for name in [*message, "schema_version"]]
+    nested = [(name, key) for name in message for key in NESTED_FIELDS.get(name, [])]
+    return top + nested
+
+
 @st.composite
 def mutated(draw: st.DrawFn, record: str) -> bytes:
-    """A valid message with some fields removed or replaced by any JSON value."""
-    message = dict(VALID[record])
-    for name in draw(st.lists(st.sampled_from([*message, "schema_version"]), max_size=3)):
-        if draw(st.booleans()):
-            message.pop(name, None)
+    """A valid message with some fields (nested ones too) removed or replaced by a
+    hostile value or any JSON value."""
+    message = VALID[record]
+    paths = _paths(message)
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        path = draw(st.sampled_from(paths))
+        if draw(st.integers(min_value=0, max_value=9)) == 0 and len(path) == 1:
+            message = {k: v for k, v in message.items() if k != path[0]}
         else:
-            message[name] = draw(st.one_of(json_values, deep_values))
+            value = draw(st.one_of(st.sampled_from(HOSTILE_VALUES), json_values, deep_values))
+            message = _with(message, path, value)
     return _serialize(message, draw(st.booleans()))
 
 
@@ -179,7 +228,29 @@ def _encodes_again(record: str, decoded: Any) -> None:
 # Each input goes through every decoder: a few thousand examples per decoder in all.
 
 
+HUGE = b"1" + b"0" * 400
+SAMPLE = dumps(VALID["sample"])
+ISSUE_INPUTS = [
+    b'{"version":1,"sha256":"0","uri":"file:///x","base_model":"b","created_at":%s}' % HUGE,
+    b'{"id":"a","prompt":"hi","sampling":{"temperature":%s}}' % HUGE,
+    SAMPLE.replace(b'"reward":0.5', b'"reward":' + HUGE),
+    b'{"id":"\\ud800","prompt":"hi"}',
+    SAMPLE.replace(b'"p1"', b'"\\udc00"'),
+    b'{"id":"a","prompt":"hi","sampling":{"k":256,"max_new_tokens":1000000000}}',
+    b'{"prompt":"a\\u0000b"}',
+    b'{"prompt":"x","metadata":' + b"[" * 900 + b"]" * 900 + b"}",
+]
+"""The inputs of issue 7, always tried first."""
+
+
+def _issue_examples(test: Callable[..., None]) -> Callable[..., None]:
+    for value in ISSUE_INPUTS:
+        test = example(value=value)(test)
+    return test
+
+
 @FUZZ
+@_issue_examples
 @given(value=any_bytes)
 def test_every_decoder_is_total_over_arbitrary_bytes(value: bytes) -> None:
     _decode_with_each(value)
@@ -197,6 +268,17 @@ def test_every_decoder_is_total_over_valid_messages_with_any_field_changed(
     data: st.DataObject, record: str
 ) -> None:
     _decode_with_each(data.draw(mutated(record)))
+
+
+@pytest.mark.parametrize("record", list(VALID))
+def test_every_field_of_every_record_survives_every_hostile_value(record: str) -> None:
+    # Exhaustive, not sampled: each field (and each sampling override, metric, metadata
+    # entry) holding each hostile value, through every decoder.
+    for path in _paths(VALID[record]):
+        for value in HOSTILE_VALUES:
+            message = _with(VALID[record], path, value)
+            _decode_with_each(_serialize(message, ascii_only=True))  # \ud800 as an escape
+            _decode_with_each(_serialize(message, ascii_only=False))  # raw: not UTF-8
 
 
 def test_the_valid_messages_the_fuzzers_mutate_are_accepted() -> None:

@@ -203,3 +203,37 @@ def test_the_trainer_refuses_untrusted_rewards_with_a_reason_and_keeps_running(
     assert {s.prompt_id for s in reloaded.snapshot()} == set(messages) - set(refused)
     assert reloaded.refused == 0 and math.isfinite(reloaded.mean_reward())
     assert _total_committed(cfg.kafka, cfg.kafka.trainer_group) == len(messages)
+
+
+def test_a_rescoring_trainer_buffers_its_own_reward_not_the_one_a_sample_claims(
+    kafka_config: MakeConfig, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = role_config(
+        kafka_config(partitions=1),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{"buffer.rescore": True, "buffer.reward_min": -1.0, "buffer.reward_max": 1.0},
+    )
+    claims = {"modest": "0.1", "1e300": "1e300", "huge": "1.7e308"}
+    metrics = RaftMetrics(CollectorRegistry())
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    role = TrainerRole(cfg, str(tiny_model_dir), metrics, shutdown)
+    thread = RoleThread(role.run, shutdown, "test-trainer")
+    try:
+        wait_for(lambda: role.ready, 120, "the trainer to load its model")
+        produce_raw(
+            cfg.kafka,
+            [_sample_message(name, reward) for name, reward in claims.items()],
+            topic=cfg.kafka.topics.samples,
+        )
+        wait_for(lambda: len(role.buffer) == len(claims), 30, "the buffer")
+        assert thread.alive()
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+
+    assert role.reward is not None
+    (own,) = {o.reward for o in role.reward.score(["the movie was"], ["great fun"])}
+    assert own is not None and -1.0 <= own <= 1.0
+    # Every sample has the same response: each is buffered with the trainer's own score.
+    assert {s.prompt_id: s.reward for s in role.buffer.snapshot()} == dict.fromkeys(claims, own)
+    assert _metric(metrics, "reward_out_of_bounds") == 0

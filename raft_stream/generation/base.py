@@ -7,22 +7,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from raft_stream.config import SamplingConfig
 from raft_stream.errors import RaftStreamError
 from raft_stream.types import AdapterVersion, Completion
 
 if TYPE_CHECKING:
-    from raft_stream.config import GenerationConfig, ModelConfig, SamplingConfig
+    from raft_stream.config import GenerationConfig, ModelConfig
     from raft_stream.generation.engine_process import EngineDeath
+
+_DEFAULTS = SamplingConfig()
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Backend-neutral sampling parameters for one generate() call."""
+    """Backend-neutral sampling parameters for one generate() call (defaults: those of
+    ``SamplingConfig``, except ``seed``: None draws a fresh one)."""
 
-    n: int = 8
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
+    n: int = _DEFAULTS.k
+    max_new_tokens: int = _DEFAULTS.max_new_tokens
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
     seed: int | None = None
 
     @classmethod
@@ -36,7 +40,8 @@ class SamplingParams:
         )
 
     def with_overrides(self, overrides: dict[str, Any]) -> SamplingParams:
-        """Apply a prompt message's per-request overrides: k, temperature, top_p, max_new_tokens."""
+        """Apply a prompt message's per-request overrides (k, temperature, top_p,
+        max_new_tokens), already checked against the limits by the prompt decoder."""
         renamed = {("n" if key == "k" else key): value for key, value in overrides.items()}
         return replace(self, **renamed)
 

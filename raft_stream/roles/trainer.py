@@ -19,7 +19,8 @@ so it can neither write versions nor take this one's sample partitions.
 The trainer does not trust the ``reward`` a sample carries: a kept sample whose reward is
 missing, non-finite or outside ``buffer.reward_min..reward_max`` is dead-lettered
 (``reward_out_of_bounds``) and never trained on; one whose handling fails otherwise is
-dead-lettered as ``internal_error``, and the loop goes on.
+dead-lettered as ``internal_error``, and the loop goes on. With ``buffer.rescore`` it
+scores each kept sample with its own reward first and checks that score instead.
 
 A failed round (exception, non-finite loss, full disk) is counted and logged; its samples
 stay in the buffer, the next try waits with backoff, and the model is reloaded from the
@@ -41,6 +42,8 @@ from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, NonFiniteLossError, TrainingError
 from raft_stream.metrics import RaftMetrics
+from raft_stream.rewards.registry import build_safe_reward
+from raft_stream.rewards.safe import SafeReward
 from raft_stream.roles.adapters import adapter_store_root, announce, signing_key
 from raft_stream.roles.cpu_split import pin_this_thread
 from raft_stream.roles.delivery import (
@@ -151,6 +154,10 @@ class TrainerRole:
             reward_min=cfg.buffer.reward_min,
             reward_max=cfg.buffer.reward_max,
         )
+        self.reward: SafeReward | None = (
+            build_safe_reward(cfg.reward) if cfg.buffer.rescore else None
+        )
+        """The trainer's own reward (``buffer.rescore``); None trusts the samples' field."""
         self.ready = False
         self.rounds = 0
         self.failures = 0
@@ -221,7 +228,12 @@ class TrainerRole:
     def _take(self, batch: PollBatch[Sample], clients: StreamClients[Sample]) -> None:
         """Buffer the kept samples of a poll (rejected ones are only for observers); a
         kept sample the buffer refuses, or whose handling fails, is dead-lettered."""
-        admitted, refused = each_record(batch.records, self._admit, "admitting the sample")
+        kept_records = [r for r in batch.records if r.value.reject_reason is None]
+        if self.reward is not None:
+            kept_records = self._rescore(kept_records)
+        admitted, refused = each_record(
+            kept_records, lambda r: self.buffer.check(r.value), "admitting the sample"
+        )
         letters = [*batch.dead, *refused]
         if letters and not until_delivered(
             lambda timeout_s: clients.dead_letters.write(letters, timeout_s),
@@ -233,21 +245,27 @@ class TrainerRole:
         ):
             self._may_commit = False  # their offsets must not be committed
             return
-        kept = [sample for _, sample in admitted if sample is not None]
-        dropped = self.buffer.add(kept)
+        dropped = self.buffer.add(sample for _, sample in admitted)
         if dropped:
             log.debug("buffer full: lowest rewards evicted", extra={"evicted": len(dropped)})
         for tp, offset in batch.last_offsets().items():
             self._consumed[tp] = max(offset, self._consumed.get(tp, -1))
         self._observe_buffer()
 
-    def _admit(self, record: Received[Sample]) -> Sample | None:
-        """The sample to buffer; None for a rejected one (published for observers).
-        Raises MessageError (``reward_out_of_bounds``) for a reward the buffer refuses."""
-        sample = record.value
-        if sample.reject_reason is not None:
-            return None
-        return self.buffer.check(sample)
+    def _rescore(self, records: list[Received[Sample]]) -> list[Received[Sample]]:
+        """Replace each sample's reward by the trainer's own; the records it scored (one
+        it could not score is rejected with SafeReward's reason and counted)."""
+        assert self.reward is not None
+        samples = [r.value for r in records]
+        outcomes = self.reward.score([s.prompt for s in samples], [s.response for s in samples])
+        scored = []
+        for record, outcome in zip(records, outcomes, strict=True):
+            if outcome.reason is not None:
+                self.metrics.count_rejected(outcome.reason)
+                continue
+            record.value.reward = outcome.reward
+            scored.append(record)
+        return scored
 
     def _maybe_start_round(self) -> None:
         if (

@@ -12,11 +12,13 @@ Decoders are total: for any bytes they return a record or raise
 :class:`~raft_stream.errors.MessageError`, nothing else. Its ``reason`` is one of
 :data:`REASONS` (``raft_stream.reasons.DECODE_REASONS``), a fixed set, so it can be a
 metric label; :data:`DEAD_LETTER_REASONS` adds the reasons the roles give to records they
-could decode but not use. Beyond the
-fields' own rules every decoder refuses, anywhere in a message: more bytes than the
-configured limit, nesting deeper than :data:`MAX_DEPTH`, text with a lone surrogate or
-NUL (it could not be encoded again, or is cut by C code), and numbers outside a 64-bit
-integer or float (they overflow where they are used).
+could decode but not use. Beyond the fields' own rules every decoder refuses, anywhere in
+a message: more bytes than the configured limit, nesting deeper than :data:`MAX_DEPTH`,
+text with a lone surrogate or NUL (it could not be encoded again, or is cut by C code),
+and numbers outside a 64-bit integer or float (they overflow where they are used).
+
+Encoders produce what the decoders accept; ``fit_dead_letter`` and ``check_output_size``
+keep what the service writes within ``kafka.max_message_bytes``.
 
 Example:
     >>> decode_prompt(b'{"id": "p1", "prompt": "Hi", "sampling": {"k": 4}}', 1_000_000)

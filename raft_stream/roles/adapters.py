@@ -74,8 +74,11 @@ MANIFEST_MISMATCH: Final = "manifest_mismatch"
 TOO_LARGE: Final = "too_large"
 CHECKSUM_MISMATCH: Final = "checksum_mismatch"
 ENGINE_ERROR: Final = "engine_error"
+MALFORMED: Final = "malformed"
+"""An announcement the decoder refuses (its dead-letter reason is in the log)."""
 
 REFUSAL_REASONS: Final = (
+    MALFORMED,
     BAD_SIGNATURE,
     BASE_MODEL_MISMATCH,
     LINEAGE_MISMATCH,
@@ -328,12 +331,18 @@ class AdapterWatcher:
     ``poll`` returns the announcements that arrived, newest version first; the caller
     decides which it can use. Nothing is remembered about refused ones, so a forged huge
     version number cannot hide the real versions announced after it. Malformed
-    announcements are logged and skipped: each generator reads them all, so
-    dead-lettering them would duplicate per replica.
+    announcements are logged, passed to ``on_refused`` as ``MALFORMED`` and skipped: each
+    generator reads them all, so dead-lettering them would duplicate per replica.
     """
 
-    def __init__(self, cfg: KafkaConfig, poll_timeout_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        on_refused: Callable[[str], None],
+        poll_timeout_s: float = 0.05,
+    ) -> None:
         self._reader = adapter_reader(cfg)
+        self._on_refused = on_refused
         self._poll_timeout_s = poll_timeout_s
 
     def poll(self) -> list[AdapterAnnouncement]:
@@ -343,6 +352,7 @@ class AdapterWatcher:
                 "malformed adapter announcement skipped",
                 extra={"reason": letter.reason, "detail": letter.detail, "offset": letter.offset},
             )
+            self._on_refused(MALFORMED)
         return sorted((r.value for r in batch.records), key=lambda a: a.version, reverse=True)
 
     def catch_up(self, timeout_s: float) -> list[AdapterAnnouncement]:

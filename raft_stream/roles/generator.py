@@ -156,7 +156,7 @@ class GeneratorRole:
         )
         if clients is None:
             return
-        watcher = AdapterWatcher(self.cfg.kafka)
+        watcher = AdapterWatcher(self.cfg.kafka, self.metrics.count_adapter_load_failure)
         try:
             self.metrics.set_served_version(self.served_version)
             pinned = self.cfg.store.pinned_version

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from raft_stream.durable import replace_durably
 from raft_stream.errors import MessageError
 from raft_stream.stream.schema import REWARD_OUT_OF_BOUNDS, decode_sample, dumps, encode_sample
 from raft_stream.types import Sample
@@ -176,7 +177,7 @@ class RewardBuffer:
             handle.write("\n".join(rows) + ("\n" if rows else ""))
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        replace_durably(tmp, self.path)
 
     def _read(self, path: Path) -> list[Sample]:
         """The saved samples; a row that does not decode or is out of range is logged and

@@ -183,6 +183,19 @@ class RewardConfig(_Section):
     score_prompt: bool = False
     """Per-text functions see prompt + response instead of the response alone."""
 
+    max_attempts: int = Field(3, ge=1)
+    """Calls for a batch whose reward failed as a whole (every sample ``reward_error`` or
+    ``reward_timeout``); then its prompts are dead-lettered (``reward_failed``), never
+    committed as done. A single sample's failure stays a counted rejection."""
+
+    retry_backoff_s: float = Field(1.0, ge=0)
+    """Wait before the second call of a failed batch; doubles for each next one."""
+
+    def longest_scoring_s(self) -> float:
+        """The longest one batch's scoring may take, retries and backoff included."""
+        backoff = self.retry_backoff_s * (2 ** (self.max_attempts - 1) - 1)
+        return self.max_attempts * self.timeout_s + backoff
+
     isolation: Literal["process", "thread"] = "process"
     """python kind: ``process`` runs your function in ``workers`` worker processes, on their
     main threads (``signal.alarm`` works there); a call past ``timeout_s`` kills and
@@ -462,6 +475,12 @@ class KafkaConfig(_Section):
     poll_max_records: int = Field(16, ge=1)
     """Prompts taken per poll: one generation batch."""
 
+    poison_after_crashes: int = Field(3, ge=1)
+    """A record the process died holding alone this many times (a crash no ``except``
+    catches: a segfault, the OOM killer) is dead-lettered as ``poison`` instead of read
+    again; after any death, the records it held are handed out one at a time. Deaths are
+    counted in ``daemon.state_dir/in_hand`` (one process per state_dir)."""
+
     publish_rejected: bool = False
     """Also publish rejected samples to the samples topic (with their reason)."""
 
@@ -484,9 +503,6 @@ class DaemonConfig(_Section):
 
     grace_period_s: float = Field(30.0, gt=0)
     """SIGTERM: finish or hand back work and exit within this many seconds."""
-
-    max_pending_batches: int = Field(2, ge=1)
-    """Backpressure: generation batches waiting for broker acks before polling pauses."""
 
     adapter_poll_interval_s: float = Field(1.0, gt=0)
     """How often generators look for new adapter announcements."""
@@ -555,7 +571,8 @@ class RaftConfig(BaseSettings):
         may take between two heartbeats: sampling a full poll (``kafka.poll_max_records``
         prompts x the largest K x the largest ``max_new_tokens`` a prompt may ask for, at
         ``daemon.min_generation_tokens_per_s``), or
-        a reward call (``reward.timeout_s``), or a delivery (``kafka.delivery_timeout_s``),
+        a batch's scoring (``reward.timeout_s`` for each of ``reward.max_attempts`` calls,
+        and the backoff between them), or a delivery (``kafka.delivery_timeout_s``),
         whichever is longest; never below 60 s.
         """
         if self.daemon.liveness_timeout_s is not None:
@@ -564,7 +581,7 @@ class RaftConfig(BaseSettings):
         tokens = self.kafka.poll_max_records * largest["k"] * largest["max_new_tokens"]
         longest_step = max(
             tokens / self.daemon.min_generation_tokens_per_s,
-            self.reward.timeout_s,
+            self.reward.longest_scoring_s(),
             self.kafka.delivery_timeout_s,
         )
         return max(60.0, 2 * longest_step)

@@ -67,12 +67,23 @@ INTERNAL_ERROR: Final = "internal_error"
 """A record whose handling raised an unexpected exception (a bug): the role dead-letters
 that record with a short summary and goes on."""
 
+REWARD_FAILED: Final = "reward_failed"
+"""A prompt none of whose samples got a reward because the reward failed (raised or timed
+out) for the whole batch, ``reward.max_attempts`` times."""
+
+POISON: Final = "poison"
+"""A record the process died holding alone ``kafka.poison_after_crashes`` times (a crash
+no ``except`` catches: a segfault, the OOM killer, ``os._exit``); see
+``raft_stream.stream.poison``."""
+
 DEAD_LETTER_REASONS: Final = (
     *DECODE_REASONS,
     GENERATION_FAILED,
     OUTPUT_TOO_LARGE,
     REWARD_OUT_OF_BOUNDS,
     INTERNAL_ERROR,
+    REWARD_FAILED,
+    POISON,
 )
 """Every dead-letter reason: the decoders' and the roles'."""
 

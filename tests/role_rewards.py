@@ -24,3 +24,15 @@ def controlled_reward(text: str) -> float:
     if mode == "hang":
         time.sleep(3600)
     return len(text.split()) / 10
+
+
+POISON_MARK = "POISON-PILL"
+POISON_EXIT = 70
+
+
+def dies_on_poison(pairs: list[tuple[str, str]]) -> list[float]:
+    """Batched: ends the process (``os._exit``, which no ``except`` catches, standing in for
+    a segfault in a native reward) when a prompt carries POISON_MARK; else scores by length."""
+    if any(POISON_MARK in prompt for prompt, _ in pairs):
+        os._exit(POISON_EXIT)
+    return [len(response.split()) / 10 for _, response in pairs]

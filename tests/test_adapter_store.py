@@ -239,3 +239,76 @@ def test_a_second_trainer_on_the_same_store_refuses_to_start(tmp_path: Path) -> 
         trainer()
     first.store.close()  # what the first trainer's run() does when it returns
     trainer()
+
+
+# -- durable state after a crash (issue 8) ------------------------------------------------
+
+
+def test_a_new_version_and_latest_reach_the_disk_before_write_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import raft_stream.durable as durable
+    import raft_stream.training.store as store_module
+
+    synced: list[tuple[str, list[str]]] = []
+    real = durable.fsync_dir
+
+    def spy(folder: Path) -> None:
+        synced.append((Path(folder).name, sorted(p.name for p in Path(folder).iterdir())))
+        real(folder)
+
+    monkeypatch.setattr(durable, "fsync_dir", spy)
+    monkeypatch.setattr(store_module, "fsync_dir", spy)
+    store = AdapterStore(tmp_path, base_model="base")
+    synced.clear()
+    store.write(writer(b"w"), {})
+    # The folder was flushed once the version was renamed in, and again after latest.
+    assert [name for name, _ in synced] == [tmp_path.name, tmp_path.name]
+    assert "v000001" in synced[0][1] and "latest" not in synced[0][1]
+    assert "latest" in synced[1][1]
+
+
+def test_what_a_crash_mid_write_or_mid_prune_left_is_removed_when_the_writer_opens(
+    tmp_path: Path,
+) -> None:
+    store = AdapterStore(tmp_path, base_model="base")
+    store.write(writer(b"a"), {})
+    store.close()
+    (tmp_path / ".tmp-v000002-0badcafe").mkdir()  # a save in progress
+    (tmp_path / ".tmp-pruned-v000000-0badcafe").mkdir()  # a prune in progress
+    (tmp_path / "v000003").mkdir()  # no manifest: never a complete version
+    (tmp_path / ".latest.0badcafe").write_text("9\n")
+    AdapterStore(tmp_path, base_model="base").close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".writer.lock") == [
+        "latest",
+        "lineage",
+        "v000001",
+    ]
+
+
+@pytest.mark.parametrize("pointer", [None, "", "garbage\n", "7\n"])
+def test_a_missing_or_broken_latest_is_repaired_from_the_newest_version(
+    tmp_path: Path, pointer: str | None
+) -> None:
+    store = AdapterStore(tmp_path, base_model="base")
+    store.write(writer(b"a"), {})
+    store.write(writer(b"b"), {})
+    store.close()
+    if pointer is None:
+        (tmp_path / "latest").unlink()
+    else:
+        (tmp_path / "latest").write_text(pointer)  # "7": a version that is not there
+    reader = AdapterStore(tmp_path, base_model="", readonly=True)
+    latest = reader.latest()
+    assert latest is not None and latest.version == 2  # readers read past it
+    with AdapterStore(tmp_path, base_model="base") as repaired:
+        assert (tmp_path / "latest").read_text() == "2\n"
+        latest = repaired.latest()
+        assert latest is not None and latest.version == 2
+
+
+def test_retention_never_prunes_the_pinned_version(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, base_model="base", keep_last=2, pinned_version=1)
+    for payload in (b"a", b"b", b"c", b"d"):
+        store.write(writer(payload), {})
+    assert store.versions() == [1, 3, 4]

@@ -53,6 +53,13 @@ def test_raises_error_naming_an_unknown_field() -> None:
         load_config(overrides={"ranking.mood": "local"})
 
 
+def test_no_field_promises_what_nothing_implements() -> None:
+    # daemon.max_pending_batches documented a backpressure no role had (issue 8): a
+    # generator waits for each batch's acks before it polls again, so none are pending.
+    with pytest.raises(ConfigError, match=r"daemon\.max_pending_batches: unknown field"):
+        load_config(overrides={"daemon.max_pending_batches": 2})
+
+
 def test_raises_error_with_the_fix_when_python_reward_has_no_function() -> None:
     with pytest.raises(ConfigError, match=r"reward\.function is required .* set it to"):
         load_config(overrides={"reward.kind": "python"})
@@ -84,9 +91,13 @@ def test_the_liveness_window_is_derived_from_the_configured_work() -> None:
     # 16 prompts x K=8 x 48 tokens at 10 tokens/s is 614.4 s a poll; twice that.
     assert load_config().liveness_window_s == pytest.approx(1228.8)
     small = load_config(overrides={"generation.sampling.k": 1, "kafka.poll_max_records": 1})
-    assert small.liveness_window_s == 60.0  # the floor
+    # The scoring is longest then: three reward calls of 30 s, 1 s and 2 s of backoff.
+    assert small.liveness_window_s == 186.0
+    tiny = small.model_copy(update={"reward": small.reward.model_copy(update={"max_attempts": 1})})
+    assert tiny.liveness_window_s == 60.0  # the floor
     slow_reward = load_config(overrides={"generation.sampling.k": 1, "reward.timeout_s": 300})
-    assert slow_reward.liveness_window_s == 600.0
+    # Three calls of 300 s, 1 s and 2 s of backoff between them; twice that.
+    assert slow_reward.liveness_window_s == 1806.0
     fixed = load_config(overrides={"daemon.liveness_timeout_s": 90})
     assert fixed.liveness_window_s == 90.0
 

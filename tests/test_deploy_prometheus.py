@@ -25,6 +25,7 @@ REQUIRED_ALERTS = {
     "RaftStreamConsumerLagGrowing",
     "RaftStreamDeadLetterSpike",
     "RaftStreamNotReady",
+    "RaftStreamRewardFailing",
 }
 
 

@@ -150,3 +150,49 @@ def test_returns_no_outcomes_for_an_empty_batch() -> None:
 def test_raises_value_error_when_timeout_is_not_positive() -> None:
     with pytest.raises(ValueError, match=r"timeout_s \(0\) must be > 0"):
         SafeReward(reward_from_callable(reward_of), timeout_s=0)
+
+
+class FlakyReward:
+    """Fails its first ``failures`` calls as a whole (a reward service that is down), then
+    scores by length."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("reward service unreachable")
+        return [float(len(r)) for r in responses]
+
+
+def test_retries_a_batch_that_failed_as_a_whole_with_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    flaky = FlakyReward(failures=2)
+    safe = SafeReward(flaky, timeout_s=5, retry_per_pair=False, max_attempts=3, backoff_s=0.5)
+    assert safe.score(["p", "p"], ["ab", "abc"]) == [RewardOutcome(2.0), RewardOutcome(3.0)]
+    assert flaky.calls == 3
+    assert waits == [0.5, 1.0]
+
+
+def test_gives_up_after_max_attempts_and_leaves_the_batch_unscored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "sleep", lambda _: None)
+    flaky = FlakyReward(failures=10)
+    safe = SafeReward(flaky, timeout_s=5, retry_per_pair=False, max_attempts=3)
+    assert [o.reason for o in safe.score(["p"], ["ab"])] == ["reward_error"]
+    assert flaky.calls == 3
+
+
+def test_does_not_retry_a_batch_where_only_some_samples_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "sleep", lambda _: pytest.fail("no retry expected"))
+    safe = SafeReward(reward_from_callable(reward_of), timeout_s=5, max_attempts=3)
+    outcomes = safe.score(["p"] * 2, ["ab", "poison"])
+    assert [o.reason for o in outcomes] == [None, "reward_error"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import shutil
 import statistics
@@ -29,6 +30,7 @@ from raft_stream.roles.adapters import announcement_of
 from raft_stream.roles.health import BrokerProbe
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import StreamProducer, ensure_topics
+from raft_stream.stream.schema import DeadLetter
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 from tests import role_rewards
@@ -205,13 +207,15 @@ def _total_committed(cfg: KafkaConfig, group: str) -> int:
 # -- failures: reward, training, broker ----------------------------------------------------
 
 
-def test_a_reward_that_raises_or_hangs_rejects_samples_and_the_generator_recovers(
+def test_a_reward_that_fails_whole_batches_dead_letters_their_prompts_never_drops_them(
     kafka_config: MakeConfig,
     vllm_generator: VLLMGenerator,
     tiny_model_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Issue 8: with a reward that raised (or hung) for every sample, the prompts' offsets
+    # were committed and nothing reached the samples or dead-letter topics.
     monkeypatch.setenv(role_rewards.MODE_FILE_ENV, str(tmp_path / "reward-mode"))
     cfg = role_config(
         kafka_config(),
@@ -223,34 +227,56 @@ def test_a_reward_that_raises_or_hangs_rejects_samples_and_the_generator_recover
             "reward.kind": "python",
             "reward.function": "tests.role_rewards:controlled_reward",
             "reward.timeout_s": 1.0,
+            "reward.max_attempts": 2,
+            "reward.retry_backoff_s": 0.1,
         },
     )
-    samples = sample_reader(cfg.kafka)
+    samples, letters = sample_reader(cfg.kafka), dead_letter_reader(cfg.kafka)
 
-    def outcomes(ids: set[str]) -> set[str | None]:
-        wanted = samples.read_until(lambda s: ids <= prompt_ids(s), 60, f"samples of {ids}")
-        return {s.reject_reason for s in wanted if s.prompt_id in ids}
+    def dead_lettered(ids: set[str]) -> dict[str, str]:
+        got = letters.read_until(
+            lambda d: ids <= {_prompt_id(x) for x in d}, 90, f"dead letters of {ids}"
+        )
+        return {_prompt_id(d): d.detail for d in got if _prompt_id(d) in ids}
 
     role_rewards.set_mode("raise")
     try:
         with running_roles(cfg, vllm_generator, tiny_model_dir, trainer=False) as roles:
-            produce_prompts(cfg.kafka, [(f"raise-{i}", "the movie was") for i in range(4)])
-            assert outcomes({f"raise-{i}" for i in range(4)}) == {"reward_error"}
+            raised = {f"raise-{i}" for i in range(4)}
+            produce_prompts(cfg.kafka, [(i, "the movie was") for i in sorted(raised)])
+            details = dead_lettered(raised)
+            assert all("reward_error" in d and "after 2 attempt" in d for d in details.values())
 
             role_rewards.set_mode("hang")
-            produce_prompts(cfg.kafka, [(f"hang-{i}", "the movie was") for i in range(4)])
-            assert outcomes({f"hang-{i}" for i in range(4)}) == {"reward_timeout"}
+            hung = {f"hang-{i}" for i in range(4)}
+            produce_prompts(cfg.kafka, [(i, "the movie was") for i in sorted(hung)])
+            assert all("reward_timeout" in d for d in dead_lettered(hung).values())
 
             # The hung worker was killed at the deadline: scoring resumes with the next
             # batch, without waiting for the hung call to return.
             role_rewards.set_mode("ok")
             wait_for(lambda: _scored_again(cfg, samples), 60, "rewards again")
             assert roles.alive()
+            assert roles.metric("raft_stream_dead_letter_total", reason="reward_failed") == 8
             assert roles.metric("raft_stream_samples_rejected_total", reason="reward_error") >= 8
-            assert roles.metric("raft_stream_samples_rejected_total", reason="reward_timeout") >= 8
+            wait_for(
+                lambda: (
+                    _total_committed(cfg.kafka, cfg.kafka.generator_group) >= len(raised | hung)
+                ),
+                20,
+                "commits",
+            )
     finally:
         role_rewards.set_mode("ok")
         samples.close()
+        letters.close()
+    # A failed prompt is dead-lettered, not published with rejected samples as well.
+    assert not (raised | hung) & prompt_ids(samples.items)
+    assert {d.reason for d in letters.items} == {"reward_failed"}
+
+
+def _prompt_id(letter: DeadLetter) -> str:
+    return str(json.loads(letter.value or b"{}").get("id"))
 
 
 def _scored_again(cfg: RaftConfig, samples: TopicReader[Sample]) -> bool:

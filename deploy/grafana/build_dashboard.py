@@ -159,6 +159,26 @@ def build() -> dict[str, Any]:
     )
     board = board.with_panel(
         series(
+            "Reward failures",
+            "Share of samples the reward gave no score (it raised or timed out), and prompts "
+            "dead-lettered as reward_failed after reward.max_attempts calls of a batch.",
+            "percentunit",
+            query(
+                f"sum(rate(raft_stream_samples_rejected_total"
+                f'{{{NS}, reason=~"reward_error|reward_timeout"}}[{RATE}])) / '
+                f"sum(rate(raft_stream_samples_generated_total{{{NS}}}[{RATE}]))",
+                "samples unscored",
+            ),
+            query(
+                f'sum(rate(raft_stream_dead_letter_total{{{NS}, reason="reward_failed"}}'
+                f"[{RATE}])) / sum(rate(raft_stream_prompts_consumed_total{{{NS}}}[{RATE}]))",
+                "prompts dead-lettered",
+                "B",
+            ),
+        )
+    )
+    board = board.with_panel(
+        series(
             "Diversity (distinct-2)",
             "Unique word bigrams over bigrams in recent responses; a fall means the policy "
             "repeats itself (reward hacking watch).",

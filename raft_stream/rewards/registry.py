@@ -75,4 +75,6 @@ def build_safe_reward(cfg: RewardConfig) -> SafeReward:
         RewardPool(cfg, cfg.workers) if isolated else build_reward(cfg),
         timeout_s=cfg.timeout_s,
         retry_per_pair=cfg.kind in RETRY_PER_PAIR_KINDS,
+        max_attempts=cfg.max_attempts,
+        backoff_s=cfg.retry_backoff_s,
     )

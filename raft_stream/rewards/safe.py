@@ -6,6 +6,11 @@ Each sample gets a RewardOutcome: a finite reward, or None and one reason code:
 - ``reward_timeout``: the call took longer than ``timeout_s``;
 - ``reward_nonfinite``: NaN or inf for that sample (the others keep theirs).
 
+A batch that fails as a whole (every sample ``reward_error`` or ``reward_timeout``: the
+reward service is down, a judge hangs) is scored again, up to ``max_attempts`` calls in
+all, waiting ``backoff_s`` before the second and twice as long before each next one; what
+is still unscored then is the caller's to dead-letter (``failed_as_a_whole``).
+
 Two ways to run the reward:
 
 - In worker processes (a :class:`~raft_stream.rewards.isolated.RewardPool`, the default for
@@ -87,18 +92,43 @@ class SafeReward:
         timeout_s: float,
         *,
         retry_per_pair: bool = True,
+        max_attempts: int = 1,
+        backoff_s: float = 1.0,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s ({timeout_s}) must be > 0")
+        if max_attempts < 1 or backoff_s < 0:
+            raise ValueError(f"max_attempts ({max_attempts}) must be >= 1, backoff_s >= 0")
         self.reward = reward
         self.timeout_s = timeout_s
         self.retry_per_pair = retry_per_pair
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
         self._lock = threading.Lock()
         self._hung: _Worker | None = None
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[RewardOutcome]:
-        """One outcome per (prompt, response) pair, in order."""
+        """One outcome per (prompt, response) pair, in order; a batch that failed as a
+        whole is retried with backoff (see the module docstring)."""
         check_pairs(prompts, responses)
+        outcomes = self._score_once(prompts, responses)
+        for attempt in range(1, self.max_attempts):
+            if not failed_as_a_whole(outcomes):
+                break
+            delay = self.backoff_s * 2 ** (attempt - 1)
+            log.warning(
+                "reward failed for a whole batch of %d samples (%s); attempt %d of %d in %.1f s",
+                len(outcomes),
+                outcomes[0].reason,
+                attempt + 1,
+                self.max_attempts,
+                delay,
+            )
+            time.sleep(delay)
+            outcomes = self._score_once(prompts, responses)
+        return outcomes
+
+    def _score_once(self, prompts: Sequence[str], responses: Sequence[str]) -> list[RewardOutcome]:
         count = len(responses)
         if count == 0:
             return []
@@ -203,6 +233,12 @@ class SafeReward:
             self.timeout_s,
             count,
         )
+
+
+def failed_as_a_whole(outcomes: Sequence[RewardOutcome]) -> bool:
+    """True when no sample got a reward because the reward failed (raised or timed out)
+    for every one of them; an empty batch did not fail."""
+    return bool(outcomes) and all(o.reason in (REWARD_ERROR, REWARD_TIMEOUT) for o in outcomes)
 
 
 def _outcome(value: float) -> RewardOutcome:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from kafka.errors import KafkaError
 
-from raft_stream.config import KafkaConfig
+from raft_stream.config import KafkaConfig, RaftConfig
 from raft_stream.errors import MessageError
 from raft_stream.metrics import RaftMetrics
 from raft_stream.roles.lifecycle import Backoff, Shutdown
@@ -31,12 +32,14 @@ from raft_stream.stream.kafka import (
     TopicPartition,
     ensure_topics,
 )
+from raft_stream.stream.poison import CrashJournal
 from raft_stream.stream.schema import INTERNAL_ERROR, DeadLetter
 
 __all__ = [
     "StreamClients",
     "commit_quietly",
     "connect",
+    "crash_journal",
     "each_record",
     "error_summary",
     "open_clients",
@@ -50,6 +53,13 @@ R = TypeVar("R")
 
 MAX_SUMMARY_CHARS = 300
 """Longest exception summary in an ``internal_error`` dead letter."""
+
+
+def crash_journal(cfg: RaftConfig, group: str, topic: str) -> CrashJournal:
+    """The journal of what a role's consumer of ``topic`` in ``group`` holds:
+    ``daemon.state_dir/in_hand/<group>.<topic>.json`` (raft_stream.stream.poison)."""
+    path = Path(cfg.daemon.state_dir) / "in_hand" / f"{group}.{topic}.json"
+    return CrashJournal(path, cfg.kafka.poison_after_crashes)
 
 
 def error_summary(err: BaseException) -> str:

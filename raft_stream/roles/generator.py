@@ -41,6 +41,7 @@ from raft_stream.metrics import RaftMetrics
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler, ScoredBatch
 from raft_stream.ranking import Selection
+from raft_stream.reasons import REWARD_ERROR, REWARD_FAILED, REWARD_TIMEOUT
 from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.roles.adapters import (
@@ -55,6 +56,7 @@ from raft_stream.roles.adapters import (
 from raft_stream.roles.delivery import (
     StreamClients,
     commit_quietly,
+    crash_journal,
     each_record,
     open_clients,
     until_delivered,
@@ -149,7 +151,11 @@ class GeneratorRole:
         clients = open_clients(
             self.cfg.kafka,
             [topics.prompts, topics.samples, topics.adapters, topics.dead_letter],
-            lambda kafka: PromptConsumer(kafka, self.cfg.generation.sampling),
+            lambda kafka: PromptConsumer(
+                kafka,
+                self.cfg.generation.sampling,
+                crash_journal(self.cfg, kafka.generator_group, topics.prompts),
+            ),
             self.metrics.count_dead_letter,
             self.shutdown,
             self.beat,
@@ -195,9 +201,16 @@ class GeneratorRole:
         scored, failed = self._sample([prompt for _, prompt in formatted])
         for index, error in failed:
             letters.append(formatted[index][0].dead_letter(GENERATION_FAILED, error))
+        unscored = self._unscored(scored.samples)
+        letters += [
+            record.dead_letter(REWARD_FAILED, unscored[record.value.id])
+            for record, _ in formatted
+            if record.value.id in unscored
+        ]
         samples = scored.selection.kept
         if self.cfg.kafka.publish_rejected:
             samples = samples + scored.selection.rejected
+        samples = [sample for sample in samples if sample.prompt_id not in unscored]
         messages, unsendable = self._encode(samples, [record for record, _ in formatted])
         letters += unsendable
         letters_sent = False
@@ -218,6 +231,21 @@ class GeneratorRole:
         commit_quietly(clients.consumer, batch.last_offsets(), "prompts", self.metrics)
         self.batches += 1
         self._observe(scored)
+
+    def _unscored(self, samples: list[Sample]) -> dict[str, str]:
+        """Prompt id -> why, for each prompt none of whose samples got a reward because
+        the reward failed (SafeReward already retried the batch ``reward.max_attempts``
+        times): it is dead-lettered, not committed as done."""
+        reasons: dict[str, set[str | None]] = defaultdict(set)
+        for sample in samples:
+            reasons[sample.prompt_id].add(sample.reject_reason)
+        attempts = self.cfg.reward.max_attempts
+        return {
+            prompt_id: f"the reward failed for every sample ({', '.join(sorted(map(str, found)))}) "
+            f"after {attempts} attempt(s)"
+            for prompt_id, found in reasons.items()
+            if found <= {REWARD_ERROR, REWARD_TIMEOUT}
+        }
 
     def _encode(
         self, samples: list[Sample], records: Sequence[Received[PromptRecord]]

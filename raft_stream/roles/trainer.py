@@ -49,6 +49,7 @@ from raft_stream.roles.cpu_split import pin_this_thread
 from raft_stream.roles.delivery import (
     StreamClients,
     commit_quietly,
+    crash_journal,
     each_record,
     open_clients,
     until_delivered,
@@ -143,6 +144,7 @@ class TrainerRole:
             base_model=cfg.model.name_or_path,
             keep_last=cfg.store.keep_last,
             lock_wait_s=STORE_LOCK_WAIT_S,
+            pinned_version=cfg.store.pinned_version,
         )
         # A kill during a save leaves the temporary file; this process is the only writer.
         for stale in state_dir.glob(f".{BUFFER_FILE}.*.tmp"):
@@ -187,7 +189,9 @@ class TrainerRole:
         clients = open_clients(
             self.cfg.kafka,
             [topics.samples, topics.adapters, topics.dead_letter],
-            sample_consumer,
+            lambda kafka: sample_consumer(
+                kafka, crash_journal(self.cfg, kafka.trainer_group, topics.samples)
+            ),
             self.metrics.count_dead_letter,
             self.shutdown,
             self.beat,

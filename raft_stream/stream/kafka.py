@@ -18,6 +18,7 @@ from typing import Any, Generic, Self, TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
@@ -25,6 +26,8 @@ from kafka.structs import OffsetAndMetadata
 
 from raft_stream.config import KafkaConfig, SamplingConfig, read_secret
 from raft_stream.errors import ConfigError, MessageError, RaftStreamError
+from raft_stream.reasons import POISON
+from raft_stream.stream.poison import CrashJournal
 from raft_stream.stream.schema import (
     INTERNAL_ERROR,
     AdapterAnnouncement,
@@ -261,8 +264,10 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         group_id: str | None,
         from_beginning: bool = True,
         max_poll_records: int = 500,
+        journal: CrashJournal | None = None,
     ) -> None:
         self._decode = decode
+        self._journal = journal
         self._paused = False
         self._consumer = KafkaConsumer(
             **kafka_client_kwargs(cfg),
@@ -285,31 +290,31 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
     def poll(self, timeout_s: float) -> PollBatch[T]:
         """Wait up to ``timeout_s`` for records. Keep calling it while paused: polling is
         what keeps this member in its group."""
+        if self._journal is not None:
+            self._journal.handled()
         polled = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
-        records: list[Received[T]] = []
         dead: list[DeadLetter] = []
+        if self._journal is not None and polled:
+            screened = self._journal.screen(polled)
+            for tp, offset in screened.seek.items():
+                self._consumer.seek(tp, offset)
+            polled = screened.records
+            for rec, crashes in screened.poison:
+                detail = (
+                    f"the process died {crashes} times while handling this record alone "
+                    f"(kafka.poison_after_crashes={self._journal.max_crashes})"
+                )
+                log.error("poison record dead-lettered", extra={"where": _where(rec)})
+                dead.append(_dead_letter(rec, POISON, detail))
+        records: list[Received[T]] = []
         for batch in polled.values():
             for rec in batch:
-                where = f"{rec.topic}/{rec.partition}/{rec.offset}"
                 try:
-                    value = self._decode(b"" if rec.value is None else rec.value, where)
+                    value = self._decode(b"" if rec.value is None else rec.value, _where(rec))
                 except Exception as err:
                     # MessageError; anything else is a decoder bug this record triggers
                     # (the decoders are total, tests/test_records_fuzz.py): never fatal.
-                    reason, detail = _reason_of(err)
-                    dead.append(
-                        DeadLetter(
-                            reason=reason,
-                            detail=detail,
-                            topic=rec.topic,
-                            partition=rec.partition,
-                            offset=rec.offset,
-                            timestamp_ms=rec.timestamp,
-                            value=rec.value,
-                            key=rec.key,
-                            headers=tuple(rec.headers or ()),
-                        )
-                    )
+                    dead.append(_dead_letter(rec, *_reason_of(err)))
                 else:
                     records.append(
                         Received(
@@ -337,6 +342,8 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
             self._consumer.commit(to_commit, timeout_ms=int(timeout_s * 1000))
         except KafkaError as exc:
             raise CommitError(f"commit of {dict(offsets)} failed: {exc}") from exc
+        if self._journal is not None:
+            self._journal.handled(offsets)
 
     @property
     def paused(self) -> bool:
@@ -374,6 +381,26 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         self._consumer.close(autocommit=False)
 
 
+def _where(rec: ConsumerRecord) -> str:
+    """A record's stable name across redeliveries: ``topic/partition/offset``."""
+    return f"{rec.topic}/{rec.partition}/{rec.offset}"
+
+
+def _dead_letter(rec: ConsumerRecord, reason: str, detail: str) -> DeadLetter:
+    """A polled record, whole, as a dead letter."""
+    return DeadLetter(
+        reason=reason,
+        detail=detail,
+        topic=rec.topic,
+        partition=rec.partition,
+        offset=rec.offset,
+        timestamp_ms=rec.timestamp,
+        value=rec.value,
+        key=rec.key,
+        headers=tuple(rec.headers or ()),
+    )
+
+
 def _reason_of(err: Exception) -> tuple[str, str]:
     """(reason, detail) of a record the decoder refused or failed on."""
     if isinstance(err, MessageError):
@@ -390,7 +417,12 @@ class PromptConsumer(JsonConsumer[PromptRecord]):
     stay within ``sampling``'s ranges and per-prompt maxima.
     """
 
-    def __init__(self, cfg: KafkaConfig, sampling: SamplingConfig | None = None) -> None:
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        sampling: SamplingConfig | None = None,
+        journal: CrashJournal | None = None,
+    ) -> None:
         max_bytes = cfg.max_message_bytes
         limits = sampling or SamplingConfig()
         super().__init__(
@@ -399,10 +431,11 @@ class PromptConsumer(JsonConsumer[PromptRecord]):
             lambda value, where: decode_prompt(value, max_bytes, where, limits),
             group_id=cfg.generator_group,
             max_poll_records=cfg.poll_max_records,
+            journal=journal,
         )
 
 
-def sample_consumer(cfg: KafkaConfig) -> JsonConsumer[Sample]:
+def sample_consumer(cfg: KafkaConfig, journal: CrashJournal | None = None) -> JsonConsumer[Sample]:
     """The trainer's consumer of the samples topic, in group ``cfg.trainer_group``."""
     max_bytes = cfg.max_message_bytes
     return JsonConsumer(
@@ -410,6 +443,7 @@ def sample_consumer(cfg: KafkaConfig) -> JsonConsumer[Sample]:
         cfg.topics.samples,
         lambda value, _: decode_sample(value, max_bytes),
         group_id=cfg.trainer_group,
+        journal=journal,
     )
 
 

@@ -10,7 +10,13 @@ Layout under ``root``::
 
 A version is written into a hidden temporary folder and renamed into place, so a reader
 (or a restart after a crash) only ever sees complete versions; ``latest`` is replaced after
-the rename, so it never points at a missing one.
+the rename, so it never points at a missing one. Each rename is fsynced with its folder
+(``raft_stream.durable``) before the trainer commits what the version was trained on.
+Retention renames a version out of the way before deleting it, so a crash mid-delete leaves
+a temporary folder, not a broken version; the writer removes temporaries and version
+folders without a manifest when it opens the store, and repairs a missing or broken
+``latest`` from the newest complete version. It never prunes ``latest``'s version or the
+one generators are pinned to.
 
 The manifest's ``sha256`` covers the adapter (weights and config) that generators load;
 ``trainer_state_sha256`` covers the optimizer state beside it, which only the trainer reads.
@@ -34,6 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from raft_stream.durable import fsync_dir, replace_durably
 from raft_stream.errors import AdapterError, RaftStreamError
 from raft_stream.types import AdapterVersion
 
@@ -238,20 +245,22 @@ class AdapterStore:
         keep_last: int = 5,
         readonly: bool = False,
         lock_wait_s: float = 0.0,
+        pinned_version: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.base_model = base_model
         self.keep_last = keep_last
         self.readonly = readonly
+        self.pinned_version = pinned_version
+        """Never pruned (``store.pinned_version``: generators serve it)."""
         self._lock: StoreLock | None = None
         if not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock = StoreLock(self.root, lock_wait_s)
             self._remove_stale_temporaries()
             if read_lineage(self.root) is None:
-                tmp = self.root / f".lineage.{uuid.uuid4().hex}"
-                tmp.write_text(f"{uuid.uuid4().hex}\n")
-                os.replace(tmp, self.root / LINEAGE)
+                self._write_small(LINEAGE, uuid.uuid4().hex)
+            self._repair_latest()
         self.lineage = read_lineage(self.root)
 
     def close(self) -> None:
@@ -272,9 +281,38 @@ class AdapterStore:
         self.close()
 
     def _remove_stale_temporaries(self) -> None:
-        # Left by the writer's crash mid-write; only the (single) writer may delete them.
-        for path in self.root.glob(".tmp-*"):
+        """What a writer's crash mid-write or mid-prune left; only the (single) writer
+        may delete it: temporary folders and files, and version folders without a
+        manifest (a manifest is written last and renamed in with its folder)."""
+        removed = []
+        for path in [*self.root.glob(".tmp-*"), *self.root.glob("v[0-9]*")]:
+            if path.name.startswith("v") and (path / MANIFEST).exists():
+                continue
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        for path in [*self.root.glob(f".{LATEST}.*"), *self.root.glob(f".{LINEAGE}.*")]:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        if removed:
+            logger.warning("removed what a crash left in the adapter store: %s", removed)
+
+    def _repair_latest(self) -> None:
+        """Point a missing, unreadable or dangling ``latest`` at the newest version."""
+        versions = self.versions()
+        if not versions or self._pointed() is not None:
+            return
+        logger.warning(
+            "the adapter store's latest pointer is missing or broken; repaired to %s",
+            version_dirname(versions[-1]),
+        )
+        self.set_latest(versions[-1])
+
+    def _pointed(self) -> AdapterVersion | None:
+        """The complete version ``latest`` names; None if it is missing or broken."""
+        try:
+            return self.get(int((self.root / LATEST).read_text().strip()))
+        except (OSError, ValueError, KeyError, AdapterError):
+            return None
 
     def versions(self) -> list[int]:
         """Complete versions present, oldest first."""
@@ -293,19 +331,29 @@ class AdapterStore:
         return read_version(self.path_of(version), verify=verify)
 
     def latest(self) -> AdapterVersion | None:
-        """The version ``latest`` names (a pin or the newest), or None before the first."""
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        return self.get(int(pointer.read_text().strip()))
+        """The version ``latest`` names (a rollback or the newest), or None before the
+        first. A broken pointer (a reader may see one the writer has not repaired yet)
+        reads as the newest complete version."""
+        pointed = self._pointed()
+        if pointed is not None:
+            return pointed
+        versions = self.versions()
+        return self.get(versions[-1]) if versions else None
 
     def set_latest(self, version: int) -> None:
         """Point ``latest`` at a complete version (used for rollback)."""
         self._check_writable()
         self.get(version, verify=True)
-        tmp = self.root / f".latest.{uuid.uuid4().hex}"
-        tmp.write_text(f"{version}\n")
-        os.replace(tmp, self.root / LATEST)
+        self._write_small(LATEST, str(version))
+
+    def _write_small(self, name: str, text: str) -> None:
+        """Replace the one-line file ``name`` durably (tmp, fsync, rename, fsync folder)."""
+        tmp = self.root / f".{name}.{uuid.uuid4().hex}"
+        with tmp.open("w") as handle:
+            handle.write(f"{text}\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        replace_durably(tmp, self.root / name)
 
     def write(self, save: Callable[[Path], None], metrics: dict[str, float]) -> AdapterVersion:
         """Store a new version: ``save(folder)`` writes the files; the store does the rest.
@@ -332,6 +380,7 @@ class AdapterStore:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             _fsync_tree(tmp)
             os.rename(tmp, self.path_of(version))
+            fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -348,7 +397,12 @@ class AdapterStore:
 
     def _prune(self) -> None:
         pointer = self.latest()
+        keep = {pointer.version if pointer else None, self.pinned_version}
         for version in self.versions()[: -self.keep_last]:
-            if pointer is not None and version == pointer.version:
+            if version in keep:
                 continue
-            shutil.rmtree(self.path_of(version), ignore_errors=True)
+            # Out of the way first: a crash mid-delete leaves a temporary, not a version
+            # whose manifest outlived some of its files.
+            doomed = self.root / f".tmp-pruned-{version_dirname(version)}-{uuid.uuid4().hex[:8]}"
+            os.rename(self.path_of(version), doomed)
+            shutil.rmtree(doomed, ignore_errors=True)

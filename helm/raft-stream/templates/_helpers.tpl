@@ -209,7 +209,6 @@ tests/test_deploy_chart.py loads it with raft_stream.config.load_config for ever
   "daemon" (dict
     "state_dir" (include "raft-stream.stateDir" .)
     "grace_period_s" $v.daemon.gracePeriodSeconds
-    "max_pending_batches" (int $v.daemon.maxPendingBatches)
     "adapter_poll_interval_s" $v.daemon.adapterPollIntervalSeconds) }}
 {{- if $adapters }}{{ $_ := set $cfg "adapters" $adapters }}{{ end }}
 {{- toYaml (mergeOverwrite $cfg (deepCopy $v.config)) }}

@@ -324,6 +324,12 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
 
+    max_failed_rounds: int = Field(3, ge=1)
+    """Rounds in a row that may fail on the same streaming batch (a non-finite loss, no
+    response tokens, running out of memory) before its samples are dead-lettered
+    (``training_failed``) and training moves on; a failure to store the adapter (the
+    disk) does not count, as the samples are not its cause."""
+
     seed: int = 0
     """Seed for LoRA initialisation and data order."""
 

@@ -48,6 +48,8 @@ class IterationMetrics:
     generation_tokens_per_s: float
     train_tokens_per_s: float
     wall_s: float
+    skipped_prompts: int = 0
+    """Prompts of this iteration the engine refused (e.g. longer than its context)."""
 
 
 @dataclass
@@ -58,6 +60,7 @@ class EvalResult:
     reward_mean: float
     distinct_2: float
     samples: int
+    skipped_prompts: int = 0
 
 
 @dataclass
@@ -81,7 +84,8 @@ def evaluate(
     sampler: RaftSampler, prompts: list[PromptRecord], adapter: AdapterVersion | None
 ) -> EvalResult:
     """Mean reward and distinct-2 of the held-out prompts' samples (no ranking, no training)."""
-    samples, _ = sampler.generate(prompts, adapter)
+    samples, _, failed = sampler.generate_each(prompts, adapter)
+    _log_skipped(prompts, failed, "held-out")
     sampler.score(samples)
     rewards = [s.reward for s in samples if s.scored]
     return EvalResult(
@@ -89,7 +93,15 @@ def evaluate(
         reward_mean=_mean(rewards),  # type: ignore[arg-type]
         distinct_2=distinct_n([s.response for s in samples], 2),
         samples=len(samples),
+        skipped_prompts=len(failed),
     )
+
+
+def _log_skipped(prompts: list[PromptRecord], failed: list[tuple[int, str]], what: str) -> None:
+    for index, error in failed:
+        logger.warning(
+            "skipped a %s prompt the engine refused: %s: %s", what, prompts[index].id, error
+        )
 
 
 def _load_prompts(
@@ -122,6 +134,7 @@ def summary_table(report: OfflineReport) -> Table:
         "loss",
         "distinct-2",
         "gen tok/s",
+        "skipped",
     ):
         table.add_column(column, justify="right")
     for row in report.iterations:
@@ -134,6 +147,7 @@ def summary_table(report: OfflineReport) -> Table:
             f"{row.loss:.3f}",
             f"{row.distinct_2:.3f}",
             f"{row.generation_tokens_per_s:.0f}",
+            str(row.skipped_prompts),
         )
     return table
 
@@ -199,6 +213,7 @@ def run_offline(
                 iteration_started = time.perf_counter()
                 prompts = list(itertools.islice(cycle, cfg.offline.prompts_per_iteration))
                 batch = sampler.run(prompts, adapter)
+                _log_skipped(prompts, batch.failed, f"iteration {iteration}")
                 kept = batch.selection.kept
                 if not kept:
                     logger.warning("iteration %d kept no samples; skipping training", iteration)
@@ -219,6 +234,7 @@ def run_offline(
                     generation_tokens_per_s=batch.tokens_per_s,
                     train_tokens_per_s=result.tokens_per_s,
                     wall_s=0.0,
+                    skipped_prompts=len(batch.failed),
                 )
                 adapter = store.write(trainer.save, metrics={"loss": result.loss})
                 row.adapter_version = adapter.version

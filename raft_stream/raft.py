@@ -6,15 +6,19 @@ come from and where kept samples go.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raft_stream.config import RankingConfig
-from raft_stream.generation.base import Generator, SamplingParams
+from raft_stream.errors import AdapterError
+from raft_stream.generation.base import EngineDeadError, Generator, SamplingParams
 from raft_stream.ranking import Selection, select
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.types import AdapterVersion, PromptRecord, Sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,6 +30,8 @@ class ScoredBatch:
     tokens: int
     generation_s: float
     reward_s: float
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    """(index in the batch, error) of each prompt the engine refused; the others ran."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -79,6 +85,37 @@ class RaftSampler:
                     )
         return samples, tokens
 
+    def generate_each(
+        self, prompts: list[PromptRecord], adapter: AdapterVersion | None
+    ) -> tuple[list[Sample], int, list[tuple[int, str]]]:
+        """``generate``, and when the batch fails, each prompt alone, so a prompt the
+        engine refuses (one longer than its context) costs only itself. Returns the
+        samples, their tokens, and (index, error) of the refused prompts. A dead engine
+        (EngineDeadError) or a bad adapter (AdapterError) is raised: no prompt is at fault.
+        """
+        try:
+            samples, tokens = self.generate(prompts, adapter)
+            return samples, tokens, []
+        except (EngineDeadError, AdapterError):
+            raise
+        except Exception as err:
+            log.warning(
+                "generation failed for a batch; retrying prompt by prompt",
+                extra={"prompts": len(prompts), "error": repr(err)},
+            )
+        samples, tokens, failed = [], 0, []
+        for index, prompt in enumerate(prompts):
+            try:
+                some, used = self.generate([prompt], adapter)
+            except (EngineDeadError, AdapterError):
+                raise
+            except Exception as err:
+                failed.append((index, f"{type(err).__name__}: {err}"))
+                continue
+            samples += some
+            tokens += used
+        return samples, tokens, failed
+
     def score(self, samples: list[Sample]) -> None:
         """Fill in each sample's reward, or its reject reason when the reward failed."""
         outcomes = self.reward.score([s.prompt for s in samples], [s.response for s in samples])
@@ -87,8 +124,11 @@ class RaftSampler:
             sample.reject_reason = outcome.reason
 
     def run(self, prompts: list[PromptRecord], adapter: AdapterVersion | None) -> ScoredBatch:
+        """Sample, score and rank a batch. Prompts the engine refuses are left out
+        (``ScoredBatch.failed``) and the rest are ranked together, so global ranking
+        keeps its meaning when some prompt fails."""
         started = time.perf_counter()
-        samples, tokens = self.generate(prompts, adapter)
+        samples, tokens, failed = self.generate_each(prompts, adapter)
         generated = time.perf_counter()
         self.score(samples)
         scored = time.perf_counter()
@@ -100,4 +140,5 @@ class RaftSampler:
             tokens=tokens,
             generation_s=generated - started,
             reward_s=scored - generated,
+            failed=failed,
         )

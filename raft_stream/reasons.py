@@ -71,6 +71,11 @@ REWARD_FAILED: Final = "reward_failed"
 """A prompt none of whose samples got a reward because the reward failed (raised or timed
 out) for the whole batch, ``reward.max_attempts`` times."""
 
+TRAINING_FAILED: Final = "training_failed"
+"""A buffered sample of a streaming batch that failed ``training.max_failed_rounds`` rounds
+in a row (the trainer's dead letters carry partition and offset -1: the sample came from
+its buffer, whose records are committed already)."""
+
 POISON: Final = "poison"
 """A record the process died holding alone ``kafka.poison_after_crashes`` times (a crash
 no ``except`` catches: a segfault, the OOM killer, ``os._exit``); see
@@ -83,6 +88,7 @@ DEAD_LETTER_REASONS: Final = (
     REWARD_OUT_OF_BOUNDS,
     INTERNAL_ERROR,
     REWARD_FAILED,
+    TRAINING_FAILED,
     POISON,
 )
 """Every dead-letter reason: the decoders' and the roles'."""

@@ -108,3 +108,24 @@ def test_offline_raft_writes_metrics_csv_and_learning_curve(
     assert evaluations["wall_s"] > 0
     png = (tmp_path / "learning_curve.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_offline_raft_skips_a_prompt_the_engine_refuses_and_goes_on(
+    tiny_model_dir: Path, vllm_generator: Generator, tmp_path: Path
+) -> None:
+    # Issue 8: one prompt longer than the model's context aborted the whole run.
+    cfg = offline_config(tiny_model_dir, tmp_path, iterations=1)
+    cfg = cfg.model_copy(
+        update={"offline": cfg.offline.model_copy(update={"prompts_per_iteration": 16})}
+    )
+    too_long = json.dumps({"id": "too-long", "prompt": "the movie was " * 400})
+    for name in ("train.jsonl", "eval.jsonl"):
+        path = tmp_path / name
+        path.write_text(too_long + "\n" + path.read_text())
+    report = run_offline(cfg, generator=vllm_generator)
+    with (tmp_path / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["skipped_prompts"]) for r in rows] == [1]
+    assert report.iterations[0].kept_ratio == pytest.approx(1 / 8)  # 15 prompts x K=8
+    assert report.eval_before is not None and report.eval_before.skipped_prompts == 1
+    assert report.eval_after is not None and report.eval_after.skipped_prompts == 1

@@ -22,20 +22,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from raft_stream.config import KafkaConfig, RaftConfig, TopicsConfig
 from raft_stream.data.tiny_model import tiny_prompts
-from raft_stream.metrics import DELIVERIES
+from raft_stream.metrics import DELIVERIES, RaftMetrics
 from raft_stream.roles.adapters import announcement_of
 from raft_stream.roles.health import BrokerProbe
+from raft_stream.roles.lifecycle import Shutdown
+from raft_stream.roles.trainer import TrainerRole
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import StreamProducer, ensure_topics
-from raft_stream.stream.schema import DeadLetter
+from raft_stream.stream.schema import DeadLetter, decode_sample, dumps, encode_sample
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 from tests import role_rewards
 from tests.roles_support import (
     Roles,
+    RoleThread,
     TopicReader,
     committed_offsets,
     dead_letter_reader,
@@ -275,6 +279,11 @@ def test_a_reward_that_fails_whole_batches_dead_letters_their_prompts_never_drop
     assert {d.reason for d in letters.items} == {"reward_failed"}
 
 
+def _by_id(letters: list[DeadLetter]) -> dict[str, DeadLetter]:
+    """Dead-lettered samples by their prompt id."""
+    return {json.loads(d.value or b"{}")["prompt_id"]: d for d in letters}
+
+
 def _prompt_id(letter: DeadLetter) -> str:
     return str(json.loads(letter.value or b"{}").get("id"))
 
@@ -315,6 +324,55 @@ def _fill(folder: Path) -> Path:
         except OSError as err:
             assert err.errno == errno.ENOSPC
     return filler
+
+
+def test_a_batch_that_fails_every_training_round_is_dead_lettered_and_training_moves_on(
+    kafka_config: MakeConfig, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Issue 8: a batch no round can train on (here: responses with no tokens) was retried
+    # forever, and while it failed nothing was committed and the buffer was not saved.
+    cfg = role_config(
+        kafka_config(partitions=1),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{"buffer.batch_size": 4, "training.max_failed_rounds": 2},
+    )
+    topics = cfg.kafka.topics
+    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
+
+    def sample(ident: str, response: str, reward: float) -> bytes:
+        tokens = len(response.split())
+        made = Sample(ident, "the movie was", "the movie was", response, tokens, 0, reward=reward)
+        return dumps(encode_sample(made))
+
+    empty = {f"empty-{i}": sample(f"empty-{i}", "", 0.9) for i in range(4)}
+    good = [sample(f"good-{i}", "great fun to watch", 0.5) for i in range(4)]
+    metrics = RaftMetrics(CollectorRegistry())
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    trainer = TrainerRole(cfg, str(tiny_model_dir), metrics, shutdown)
+    thread = RoleThread(trainer.run, shutdown, "test-trainer")
+    letters = dead_letter_reader(cfg.kafka)
+    try:
+        produce_raw(cfg.kafka, list(empty.values()), topic=topics.samples)
+        got = letters.read_until(lambda d: len(d) >= 4, 120, "the failed batch's dead letters")
+        assert {d.reason for d in got} == {"training_failed"}
+        sent = {i: decode_sample(v, 10**6) for i, v in empty.items()}
+        assert {i: decode_sample(d.value or b"", 10**6) for i, d in _by_id(got).items()} == sent
+        assert "2 training rounds failed" in got[0].detail
+        assert all(d.topic == topics.samples and d.offset == -1 for d in got)
+        failed = metrics.registry.get_sample_value(
+            "raft_stream_training_failures_total", {"reason": "other"}
+        )
+        assert failed == 2
+        # Each failed round saved the buffer and committed what it had consumed.
+        assert sum(committed_offsets(cfg.kafka, cfg.kafka.trainer_group).values()) == 4
+
+        produce_raw(cfg.kafka, good, topic=topics.samples)
+        wait_for(lambda: trainer.store.versions() == [1], 120, "a version trained on the rest")
+        assert thread.alive()
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+        letters.close()
 
 
 def test_a_training_round_that_runs_out_of_disk_keeps_the_last_adapter_serving_and_recovers(

@@ -286,7 +286,7 @@ class GeneratorRole:
         if not prompts:
             return _empty_batch(), []
         try:
-            return self.sampler.run(prompts, self.adapter), []
+            scored = self.sampler.run(prompts, self.adapter)
         except EngineDeadError as err:
             # Nothing more can be sampled in this process: count it, fail the role, and let
             # the supervisor restart the process (the batch is redone, uncommitted).
@@ -300,25 +300,10 @@ class GeneratorRole:
             self.adapter, self._previous = self._previous, None
             self.metrics.set_served_version(self.served_version)
             return self._sample(prompts)
-        except Exception as err:
-            log.warning(
-                "generation failed for a batch; retrying prompt by prompt",
-                extra={"prompts": len(prompts), "error": repr(err)},
-            )
-        # Rare path: each prompt alone, so one bad prompt costs only itself.
-        parts: list[ScoredBatch] = []
-        failed: list[tuple[int, str]] = []
-        for index, prompt in enumerate(prompts):
-            try:
-                parts.append(self.sampler.run([prompt], self.adapter))
-            except EngineDeadError as err:
-                self.metrics.count_engine_death(err.death.signal)
-                raise
-            except Exception as err:
-                failed.append((index, f"{type(err).__name__}: {err}"))
+        failed = scored.failed
         if len(failed) == len(prompts) and not self._engine_answers():
             raise EngineFailure(f"the engine fails every prompt and a probe: {failed[0][1]}")
-        return _merge(parts), failed
+        return scored, failed
 
     def _engine_answers(self) -> bool:
         try:
@@ -411,16 +396,3 @@ class GeneratorRole:
 
 def _empty_batch() -> ScoredBatch:
     return ScoredBatch(samples=[], selection=Selection(), tokens=0, generation_s=0.0, reward_s=0.0)
-
-
-def _merge(parts: list[ScoredBatch]) -> ScoredBatch:
-    """One batch from per-prompt batches (local ranking is per prompt anyway)."""
-    merged = _empty_batch()
-    for part in parts:
-        merged.samples += part.samples
-        merged.selection.kept += part.selection.kept
-        merged.selection.rejected += part.selection.rejected
-        merged.tokens += part.tokens
-        merged.generation_s += part.generation_s
-        merged.reward_s += part.reward_s
-    return merged

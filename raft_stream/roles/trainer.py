@@ -42,6 +42,7 @@ from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, NonFiniteLossError, TrainingError
 from raft_stream.metrics import RaftMetrics
+from raft_stream.reasons import TRAINING_FAILED
 from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.roles.adapters import adapter_store_root, announce, signing_key
@@ -51,11 +52,13 @@ from raft_stream.roles.delivery import (
     commit_quietly,
     crash_journal,
     each_record,
+    error_summary,
     open_clients,
     until_delivered,
 )
 from raft_stream.roles.lifecycle import Backoff, Shutdown, noop
 from raft_stream.stream.kafka import PollBatch, Received, TopicPartition, sample_consumer
+from raft_stream.stream.schema import DeadLetter, dumps, encode_sample
 from raft_stream.training.lora_trainer import LoRATrainer, TrainResult
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
@@ -170,6 +173,8 @@ class TrainerRole:
         self._may_commit = True
         self._retry_at = 0.0
         self._backoff = Backoff(initial_s=2.0, max_s=60.0)
+        self._failed_batch: tuple[frozenset[int], int] = (frozenset(), 0)
+        """(ids of a streaming batch's samples, rounds in a row that failed on it)."""
         self.training_cores: tuple[int, ...] | None = None
         """Cores the training rounds run on (all-in-one on the CPU); None: any."""
 
@@ -284,10 +289,16 @@ class TrainerRole:
         done, self._round = self._round, None
         assert done is not None
         if done.outcome is None:
-            self._fail(done.error or TrainingError("the training thread ended without a result"))
+            err = done.error or TrainingError("the training thread ended without a result")
+            self._fail(err)
+            if self._count_failed_round(done.samples, err) >= self.cfg.training.max_failed_rounds:
+                self._dead_letter_batch(clients, done.samples, err)
+            # The buffer still holds every consumed sample: save it and commit.
+            self._persist_and_commit(clients)
             return
         adapter, result = done.outcome
         self.rounds += 1
+        self._failed_batch = (frozenset(), 0)
         self._backoff.reset()
         self.buffer.remove(done.samples)
         self.metrics.observe_training_round(
@@ -393,6 +404,50 @@ class TrainerRole:
             extra={"reason": reason, "error": repr(err), "retry_in_s": round(wait_s, 2)},
             exc_info=err,
         )
+
+    def _count_failed_round(self, samples: list[Sample], err: BaseException) -> int:
+        """Rounds in a row that failed on this same batch (a store failure counts none)."""
+        if isinstance(err, AdapterStoreFailure):
+            return 0
+        key = frozenset(id(s) for s in samples)
+        failed_key, count = self._failed_batch
+        count = count + 1 if key == failed_key else 1
+        self._failed_batch = (key, count)
+        return count
+
+    def _dead_letter_batch(
+        self, clients: StreamClients[Sample], samples: list[Sample], err: BaseException
+    ) -> None:
+        """Dead-letter a batch that fails every round, drop it from the buffer, go on."""
+        rounds = self.cfg.training.max_failed_rounds
+        detail = f"{rounds} training rounds failed on its batch: {error_summary(err)}"
+        letters = [
+            DeadLetter(
+                reason=TRAINING_FAILED,
+                detail=detail,
+                topic=self.cfg.kafka.topics.samples,
+                partition=-1,
+                offset=-1,
+                timestamp_ms=-1,
+                value=dumps(encode_sample(s)),
+                key=s.prompt_id.encode(),
+            )
+            for s in samples
+        ]
+        if not until_delivered(
+            lambda timeout_s: clients.dead_letters.write(letters, timeout_s),
+            self.cfg.kafka.delivery_timeout_s,
+            self.shutdown,
+            self.beat,
+            "dead_letters",
+            self.metrics,
+        ):
+            return  # shutdown first: the batch stays buffered
+        self.buffer.remove(samples)
+        self._failed_batch = (frozenset(), 0)
+        self._backoff.reset()
+        self._retry_at = 0.0
+        self._observe_buffer()
 
     def _load_trainer(self) -> LoRATrainer:
         """The model with the last good version's adapter and optimizer state (or fresh)."""

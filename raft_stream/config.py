@@ -478,6 +478,12 @@ class KafkaConfig(_Section):
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     """Consumer group heartbeat interval."""
 
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    """Longest gap between polls before a consumer is taken out of its group, and the
+    group's rebalance timeout (kafka-python's ``max_poll_interval_ms``). Generators keep
+    polling while a batch runs (raft_stream.roles.batches), so a long batch does not
+    count against it; a rebalance waits up to this long for the batch in hand."""
+
     poll_max_records: int = Field(16, ge=1)
     """Prompts taken per poll: one generation batch."""
 

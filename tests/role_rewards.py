@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 MODE_FILE_ENV = "RAFT_STREAM_TEST_REWARD_MODE_FILE"
-"""ok (or no file): score by length; raise: every call raises; hang: sleep for an hour."""
+"""ok (or no file): score by length; raise: every call raises; hang: sleep for an hour;
+slow: half a second a call, then score by length (a remote judge)."""
 
 
 def set_mode(mode: str) -> None:
@@ -23,6 +24,8 @@ def controlled_reward(text: str) -> float:
         raise RuntimeError("the reward service is broken")
     if mode == "hang":
         time.sleep(3600)
+    if mode == "slow":
+        time.sleep(0.5)
     return len(text.split()) / 10
 
 

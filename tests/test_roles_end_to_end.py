@@ -326,6 +326,52 @@ def _fill(folder: Path) -> Path:
     return filler
 
 
+def test_a_batch_longer_than_max_poll_interval_is_published_and_committed_once(
+    kafka_config: MakeConfig,
+    vllm_generator: VLLMGenerator,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 8: a batch longer than kafka-python's max_poll_interval_ms took the generator
+    # out of its group; the commit failed and the batch was redone, forever.
+    monkeypatch.setenv(role_rewards.MODE_FILE_ENV, str(tmp_path / "reward-mode"))
+    role_rewards.set_mode("slow")  # 8 samples a batch at 0.5 s each: ~4 s > 2 s
+    cfg = role_config(
+        kafka_config(partitions=1, poll_max_records=4, max_poll_interval_ms=2000),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{
+            "generation.sampling.k": 2,
+            "kafka.publish_rejected": True,
+            "reward.kind": "python",
+            "reward.function": "tests.role_rewards:controlled_reward",
+            "reward.workers": 1,
+            "reward.timeout_s": 30.0,
+        },
+    )
+    samples = sample_reader(cfg.kafka)
+    ids = [f"slow-{i}" for i in range(8)]
+    try:
+        with running_roles(cfg, vllm_generator, tiny_model_dir, trainer=False) as roles:
+            started = time.monotonic()
+            produce_prompts(cfg.kafka, [(i, "the movie was") for i in ids])
+            wait_for(
+                lambda: _total_committed(cfg.kafka, cfg.kafka.generator_group) == len(ids),
+                120,
+                "commits",
+            )
+            assert time.monotonic() - started > 2 * 2.0  # two batches, each past the limit
+            samples.read_all(quiet_s=5.0)
+            assert roles.alive()
+            assert roles.metric("raft_stream_commit_failures_total", what="prompts") == 0
+    finally:
+        role_rewards.set_mode("ok")
+        samples.close()
+    # Each prompt's K=2 samples were published once: no batch was redone.
+    assert Counter(s.prompt_id for s in samples.items) == dict.fromkeys(ids, 2)
+
+
 def test_a_batch_that_fails_every_training_round_is_dead_lettered_and_training_moves_on(
     kafka_config: MakeConfig, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

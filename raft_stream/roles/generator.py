@@ -1,6 +1,9 @@
 """The generator role: prompts in, K scored and ranked samples per prompt out.
 
-One synchronous loop, so memory is bounded by one batch whatever the prompt rate:
+One batch at a time, so memory is bounded by one batch whatever the prompt rate. The
+batch's work (2-4) runs on a worker thread while the loop keeps its consumer polled with
+the assignment paused (``roles.batches.BatchRunner``), so a batch longer than
+``kafka.max_poll_interval_ms`` keeps this member in its group:
 
 1. poll a batch (at most ``kafka.poll_max_records`` prompts; bad messages come back as
    dead letters);
@@ -24,6 +27,7 @@ a log line and a counted reason, the next newest is tried, and the old one keeps
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -53,6 +57,7 @@ from raft_stream.roles.adapters import (
     fetch_adapter,
     stored_announcement,
 )
+from raft_stream.roles.batches import BatchRunner
 from raft_stream.roles.delivery import (
     StreamClients,
     commit_quietly,
@@ -163,6 +168,13 @@ class GeneratorRole:
         if clients is None:
             return
         watcher = AdapterWatcher(self.cfg.kafka, self.metrics.count_adapter_load_failure)
+        consumer = clients.consumer
+        runner = BatchRunner(
+            consumer,
+            lambda offsets: commit_quietly(consumer, offsets, "prompts", self.metrics),
+            poll_s=POLL_TIMEOUT_S,
+            revoke_wait_s=self.cfg.kafka.max_poll_interval_ms / 1000,
+        )
         try:
             self.metrics.set_served_version(self.served_version)
             pinned = self.cfg.store.pinned_version
@@ -176,24 +188,29 @@ class GeneratorRole:
             while not self.shutdown.requested:
                 self.beat()
                 self._check_adapters(watcher)
-                batch = clients.consumer.poll(POLL_TIMEOUT_S)
+                batch = consumer.poll(POLL_TIMEOUT_S)
                 if len(batch):
-                    self._process(batch, clients)
+                    self.metrics.prompts_consumed_total.inc(len(batch))
+                    scored = runner.run(batch, functools.partial(self._process, batch, clients))
+                    if scored is not None:
+                        self.batches += 1
+                        self._observe(scored)
                 self.metrics.consumer_lag_messages.labels(topic=topics.prompts).set(
                     clients.consumer.lag()
                 )
         finally:
             self.ready = False
+            runner.close()
             watcher.close()
             clients.close()
             log.info("generator stopped", extra={"batches": self.batches})
 
     def _process(
         self, batch: PollBatch[PromptRecord], clients: StreamClients[PromptRecord]
-    ) -> None:
-        """Generate, deliver, then commit one batch (nothing is committed on shutdown
-        during an outage: the batch is redone by whoever consumes it next)."""
-        self.metrics.prompts_consumed_total.inc(len(batch))
+    ) -> ScoredBatch | None:
+        """Generate and deliver one batch, on BatchRunner's worker thread; the runner then
+        commits it. None: shutdown came during an outage, nothing delivered for sure, so
+        nothing is committed (whoever consumes the batch next redoes it)."""
         formatted, unformatted = each_record(
             batch.records, lambda r: self.formatter.format(r.value), "formatting the prompt"
         )
@@ -227,10 +244,8 @@ class GeneratorRole:
         if not until_delivered(
             send, kafka.delivery_timeout_s, self.shutdown, self.beat, "samples", self.metrics
         ):
-            return
-        commit_quietly(clients.consumer, batch.last_offsets(), "prompts", self.metrics)
-        self.batches += 1
-        self._observe(scored)
+            return None
+        return scored
 
     def _unscored(self, samples: list[Sample]) -> dict[str, str]:
         """Prompt id -> why, for each prompt none of whose samples got a reward because

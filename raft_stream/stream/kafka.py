@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -19,7 +20,7 @@ from typing import Any, Generic, Self, TypeVar
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
@@ -46,6 +47,7 @@ __all__ = [
     "CommitError",
     "DeadLetterWriter",
     "DeliveryError",
+    "Handover",
     "JsonConsumer",
     "PollBatch",
     "PromptConsumer",
@@ -207,16 +209,57 @@ class PollBatch(Generic[T]):
         return last
 
 
-class _KeepPausedOnAssign(ConsumerRebalanceListener):
-    """Partitions assigned by a rebalance start unpaused; backpressure must outlive it."""
+@dataclass(frozen=True)
+class Handover:
+    """What a rebalance waits for before the revoked partitions go (``on_revoke``'s answer).
+
+    ``offsets()`` once ``done()``: what to commit (inclusive), or None when the work was
+    not delivered (nothing is committed; the next owner redoes it). ``deadline`` is a
+    ``time.monotonic()`` past which the partitions go anyway. ``committed()`` is called
+    after a successful commit.
+    """
+
+    done: Callable[[], bool]
+    offsets: Callable[[], Mapping[TopicPartition, int] | None]
+    deadline: float
+    committed: Callable[[], None]
+
+
+class _KeepPausedOnAssign(AsyncConsumerRebalanceListener):
+    """Partitions assigned by a rebalance start unpaused; backpressure must outlive it.
+    Revoked partitions are handed over: when the owner's ``on_revoke`` says a batch is in
+    hand, the rebalance waits for it and commits it first.
+
+    kafka-python 3 runs rebalance listeners on its IO thread, where a blocking call (a
+    synchronous commit, a sleep) would stop heartbeats; as an async listener this one
+    awaits instead, with kafka-python's own sleep and commit coroutines (private, pinned
+    with kafka-python==3.0.12 in pyproject.toml; tests/test_batches.py exercises them).
+    """
 
     def __init__(self, owner: JsonConsumer[Any]) -> None:
         self._owner = owner
 
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        pass  # nothing buffered here; uncommitted records are redone by the new owner
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        hook = self._owner.on_revoke
+        handover = hook(set(revoked)) if hook is not None and revoked else None
+        if handover is None:
+            return  # uncommitted records are redone by the new owner
+        coordinator = self._owner._consumer._coordinator
+        while not handover.done() and time.monotonic() < handover.deadline:
+            await coordinator._manager._net.sleep(0.05)
+        offsets = handover.offsets() if handover.done() else None
+        if not offsets:
+            log.warning("partitions revoked before their batch was delivered; redone elsewhere")
+            return
+        commit = {tp: OffsetAndMetadata(offset + 1, "", -1) for tp, offset in offsets.items()}
+        try:
+            await coordinator._commit_offsets_sync_async(commit)
+        except Exception as err:  # the group moved on: the next owner redoes the batch
+            log.warning("commit at revocation failed", extra={"error": str(err)})
+            return
+        handover.committed()
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if self._owner.paused:
             self._owner.pause()
 
@@ -269,6 +312,10 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         self._decode = decode
         self._journal = journal
         self._paused = False
+        self.on_revoke: Callable[[set[TopicPartition]], Handover | None] | None = None
+        """Called (on kafka-python's IO thread) with the partitions a rebalance takes
+        away, before they go; a Handover makes the rebalance wait for a batch in hand
+        and commit it. It must not block."""
         self._consumer = KafkaConsumer(
             **kafka_client_kwargs(cfg),
             group_id=group_id,
@@ -277,6 +324,7 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
             max_poll_records=max_poll_records,
             session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+            max_poll_interval_ms=cfg.max_poll_interval_ms,
         )
         if group_id is not None:
             self._consumer.subscribe([topic], listener=_KeepPausedOnAssign(self))
@@ -329,6 +377,15 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
                         )
                     )
         return PollBatch(records, dead)
+
+    def keep_alive(self, timeout_s: float) -> None:
+        """Poll while paused, with a batch in hand: keeps this member in its group and
+        runs rebalance callbacks, and hands out nothing (a record fetched anyway, from a
+        partition assigned unpaused, is sought back to be read later)."""
+        polled = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        for tp, batch in polled.items():
+            if batch:
+                self._consumer.seek(tp, batch[0].offset)
 
     def commit(self, offsets: Mapping[TopicPartition, int], timeout_s: float = 30.0) -> None:
         """Mark every record up to ``offsets[tp]`` (inclusive) as done: commits offset + 1.

@@ -91,7 +91,8 @@ def test_a_reward_bounded_by_signal_alarm_scores(user_module: str) -> None:
 
 
 def test_a_hung_call_costs_one_batch_and_the_next_batch_is_scored(user_module: str) -> None:
-    reward = _safe(f"{user_module}:hangs_on_request", timeout_s=2.0)
+    # One attempt: what one hung call costs (retries of a whole failed batch: test_rewards_safe.py).
+    reward = _safe(f"{user_module}:hangs_on_request", timeout_s=2.0, max_attempts=1)
     try:
         started = time.monotonic()
         hung = reward.score(["p", "p"], ["please hang", "fine"])

@@ -358,6 +358,11 @@ class StoreConfig(_Section):
     """Generators serve this stored version instead of the newest (rollback); None follows
     the newest. The trainer keeps training; unpin to serve its newer versions again."""
 
+    served_window_s: float = Field(900.0, gt=0)
+    """A version that generated a sample the trainer consumed within this many seconds is
+    being served and is never pruned (a generator lagging ``keep_last`` versions behind,
+    or reloading its adapter from disk, still finds it)."""
+
 
 class AdaptersConfig(_Section):
     allowed_roots: list[Path] = []

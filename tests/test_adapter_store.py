@@ -312,3 +312,13 @@ def test_retention_never_prunes_the_pinned_version(tmp_path: Path) -> None:
     for payload in (b"a", b"b", b"c", b"d"):
         store.write(writer(payload), {})
     assert store.versions() == [1, 3, 4]
+
+
+def test_retention_never_prunes_a_served_version(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, base_model="base", keep_last=1)
+    store.write(writer(b"a"), {})
+    store.write(writer(b"b"), {}, served={1})
+    store.write(writer(b"c"), {}, served={1, 2})
+    assert store.versions() == [1, 2, 3]
+    store.write(writer(b"d"), {}, served={3})  # no generator serves 1 or 2 any more
+    assert store.versions() == [3, 4]

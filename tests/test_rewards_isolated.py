@@ -46,6 +46,15 @@ def raises_on_request(text):
         raise ValueError("cannot score this one")
     return float(len(text))
 
+_calls = 0
+
+def raises_on_first_call(text):
+    global _calls
+    _calls += 1
+    if _calls == 1:
+        raise ConnectionError("the judge dropped the connection")
+    return float(len(text))
+
 def worker_pid(text):
     return float(os.getpid())
 """
@@ -106,6 +115,20 @@ def test_a_hung_call_costs_one_batch_and_the_next_batch_is_scored(user_module: s
     assert took_s < 10
     assert [o.reward for o in after] == [4.0, 9.0]
     assert isinstance(reward.reward, RewardPool) and reward.reward.replaced == 1
+
+
+def test_a_part_scored_again_one_at_a_time_is_a_warning_not_an_error(
+    user_module: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reward = _safe(f"{user_module}:raises_on_first_call")
+    try:
+        outcomes = reward.score(["p", "p"], ["abc", "abcdef"])
+    finally:
+        reward.close()
+
+    assert [o.reward for o in outcomes] == [3.0, 6.0]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any("scored each of them" in r.getMessage() for r in caplog.records)
 
 
 def test_a_worker_that_dies_rejects_its_part_and_is_replaced(user_module: str) -> None:

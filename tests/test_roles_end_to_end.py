@@ -421,6 +421,57 @@ def test_a_batch_that_fails_every_training_round_is_dead_lettered_and_training_m
         letters.close()
 
 
+def test_retention_keeps_the_versions_consumed_samples_were_generated_with(
+    kafka_config: MakeConfig, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Issue 8: retention kept the newest and the pinned version only, so a generator still
+    # serving an older one (lagging, or reloading it from disk) found it gone.
+    window_s = 4.0
+    cfg = role_config(
+        kafka_config(partitions=1),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{"buffer.batch_size": 4, "store.keep_last": 1, "store.served_window_s": window_s},
+    )
+    topics = cfg.kafka.topics
+    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
+
+    def served_by(version: int) -> list[bytes]:
+        return [
+            dumps(
+                encode_sample(
+                    Sample(
+                        f"v{version}-{i}",
+                        "the movie was",
+                        "the movie was",
+                        "great fun to watch",
+                        4,
+                        version,
+                        reward=0.5 + i / 10,
+                    )
+                )
+            )
+            for i in range(4)
+        ]
+
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    trainer = TrainerRole(cfg, str(tiny_model_dir), RaftMetrics(CollectorRegistry()), shutdown)
+    thread = RoleThread(trainer.run, shutdown, "test-trainer")
+    try:
+        produce_raw(cfg.kafka, served_by(0), topic=topics.samples)
+        wait_for(lambda: trainer.store.versions() == [1], 120, "v1")
+        produce_raw(cfg.kafka, served_by(1), topic=topics.samples)
+        wait_for(lambda: 2 in trainer.store.versions(), 120, "v2")
+        assert trainer.store.versions() == [1, 2]  # v1 is served: kept past keep_last
+        time.sleep(window_s + 1)  # no sample from v1 since: nobody serves it now
+        produce_raw(cfg.kafka, served_by(2), topic=topics.samples)
+        wait_for(lambda: 3 in trainer.store.versions(), 120, "v3")
+        assert trainer.store.versions() == [2, 3]
+        assert thread.alive()
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+
+
 def test_a_training_round_that_runs_out_of_disk_keeps_the_last_adapter_serving_and_recovers(
     kafka_config: MakeConfig,
     vllm_generator: VLLMGenerator,

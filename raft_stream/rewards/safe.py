@@ -172,9 +172,20 @@ class SafeReward:
                 continue
             if part.error is not None:
                 failed = sum(value is None for value in part.values)
-                log.error(
-                    "reward failed for %d of %d samples:\n%s", failed, len(part.values), part.error
-                )
+                if failed:
+                    log.error(
+                        "reward failed for %d of %d samples:\n%s",
+                        failed,
+                        len(part.values),
+                        part.error,
+                    )
+                else:  # a python reward, called again pair by pair, scored them all
+                    log.warning(
+                        "reward raised on a part of %d samples, then scored each of them "
+                        "when called one at a time:\n%s",
+                        len(part.values),
+                        part.error,
+                    )
             outcomes += [_ERROR if value is None else _outcome(value) for value in part.values]
         return outcomes
 

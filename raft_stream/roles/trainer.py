@@ -170,6 +170,8 @@ class TrainerRole:
         self._trainer: LoRATrainer | None = None
         self._round: _Round | None = None
         self._consumed: dict[TopicPartition, int] = {}
+        self._served_seen: dict[int, float] = {}
+        """Adapter version -> when a consumed sample last showed it served (monotonic s)."""
         self._may_commit = True
         self._retry_at = 0.0
         self._backoff = Backoff(initial_s=2.0, max_s=60.0)
@@ -254,6 +256,8 @@ class TrainerRole:
         ):
             self._may_commit = False  # their offsets must not be committed
             return
+        seen_at = time.monotonic()
+        self._served_seen.update((r.value.adapter_version, seen_at) for r in batch.records)
         dropped = self.buffer.add(sample for _, sample in admitted)
         if dropped:
             log.debug("buffer full: lowest rewards evicted", extra={"evicted": len(dropped)})
@@ -283,7 +287,17 @@ class TrainerRole:
             and time.monotonic() >= self._retry_at
             and self.buffer.batch_ready()
         ):
-            self._round = _Round(self.buffer.peek_batch(), self._train_and_store)
+            served = self._versions_served()
+            self._round = _Round(
+                self.buffer.peek_batch(), lambda samples: self._train_and_store(samples, served)
+            )
+
+    def _versions_served(self) -> frozenset[int]:
+        """Versions of the samples consumed within ``store.served_window_s``: generators
+        serve them, so retention keeps them."""
+        horizon = time.monotonic() - self.cfg.store.served_window_s
+        self._served_seen = {v: t for v, t in self._served_seen.items() if t >= horizon}
+        return frozenset(self._served_seen)
 
     def _finish_round(self, clients: StreamClients[Sample]) -> None:
         done, self._round = self._round, None
@@ -371,7 +385,9 @@ class TrainerRole:
 
     # -- training (background thread) -----------------------------------------------------
 
-    def _train_and_store(self, samples: list[Sample]) -> tuple[AdapterVersion, TrainResult]:
+    def _train_and_store(
+        self, samples: list[Sample], served: frozenset[int]
+    ) -> tuple[AdapterVersion, TrainResult]:
         if self.training_cores is not None:
             pin_this_thread(self.training_cores)
         trainer = self._trainer or self._load_trainer()
@@ -386,6 +402,7 @@ class TrainerRole:
                     "reward_mean": mean_reward(samples),
                     "train_tokens_per_s": result.tokens_per_s,
                 },
+                served=served,
             )
         except Exception as err:  # OSError, or torch/safetensors wrapping one
             raise AdapterStoreFailure(f"storing the adapter failed: {err}") from err

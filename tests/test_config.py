@@ -70,6 +70,14 @@ def test_raises_error_when_lora_rank_exceeds_what_vllm_accepts() -> None:
         load_config(overrides={"training.lora_r": 32, "generation.max_lora_rank": 16})
 
 
+def test_raises_error_with_the_next_accepted_rank_for_a_max_lora_rank_vllm_refuses() -> None:
+    # Issue 9: 12 passed validation and the engine failed at every start.
+    with pytest.raises(ConfigError, match=r"generation\.max_lora_rank.*not 12; set it to 16"):
+        load_config(overrides={"training.lora_r": 12, "generation.max_lora_rank": 12})
+    cfg = load_config(overrides={"training.lora_r": 12, "generation.max_lora_rank": 16})
+    assert cfg.training.lora_r == 12  # any adapter rank up to max_lora_rank is served
+
+
 def test_raises_error_for_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

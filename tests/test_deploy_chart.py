@@ -247,6 +247,7 @@ def test_values_schema_rejects_broken_values() -> None:
     for location in (
         "/mode",
         "/generation/sampling/k",
+        "/generation/maxLoraRank",
         "/kafka/sasl",
         "/server/port",
         "/generator/replicas",

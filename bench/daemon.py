@@ -47,19 +47,15 @@ from raft_stream.types import PromptRecord
 
 
 def bench_config(model: str, bootstrap: str, workdir: Path, port: int) -> RaftConfig:
+    """``model``: a name or folder; a built-in model's name brings its preset."""
     return load_config(
         overrides={
             "model.name_or_path": model,
             "model.max_model_len": 256,
-            "generation.max_lora_rank": 8,
             "generation.sampling.k": 4,
-            "generation.sampling.max_new_tokens": 24,
             "ranking.min_response_tokens": 1,
             "buffer.capacity": 64,
             "buffer.batch_size": 32,
-            "training.lora_r": 8,
-            "training.lora_alpha": 16,
-            "training.batch_size": 16,
             "kafka.bootstrap_servers": bootstrap,
             "kafka.poll_max_records": 16,
             "kafka.publish_rejected": True,
@@ -196,7 +192,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(args.model)
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        cfg = bench_config(model_path, broker.bootstrap, workdir, port=9477)
+        cfg = bench_config(args.model, broker.bootstrap, workdir, port=9477)
         formatter = PromptFormatter.from_model(model_path, cfg.model)
         pool = tiny_prompts("train")
         records = [

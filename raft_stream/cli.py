@@ -113,6 +113,14 @@ def cmd_config(args: argparse.Namespace) -> int:
         for dotted, default, doc in field_docs(RaftConfig):
             print(f"{dotted} = {default}\n    {doc}")
         return 0
+    if args.presets:
+        from raft_stream.presets import MODEL_PRESETS
+
+        for preset in MODEL_PRESETS.values():
+            print(f"{preset.name}: {preset.title}")
+            for dotted, value in preset.settings.items():
+                print(f"    {dotted} = {value!r}")
+        return 0
     config = load_config(args.config, _parse_set(args.set or []))
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
     return 0
@@ -282,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective config, or every field")
     _add_config_args(config)
     config.add_argument("--fields", action="store_true", help="list every field with its doc")
+    config.add_argument(
+        "--presets",
+        action="store_true",
+        help="list the settings each built-in model brings (under the file, env and flags)",
+    )
     config.set_defaults(func=cmd_config)
 
     demo_model = sub.add_parser("demo-model", help="convert SmolLM2-135M-Instruct (cached)")

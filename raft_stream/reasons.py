@@ -2,7 +2,8 @@
 
 They are the ``reason`` of dead letters and of rejected samples, and the bounded ``reason``
 label values of ``raft_stream_dead_letter_total`` and ``raft_stream_samples_rejected_total``
-(``raft_stream.metrics`` reads these tuples; anything else is counted as ``other``).
+(``raft_stream.metrics`` reads these tuples; anything else is counted as ``other``), and
+of ``raft_stream_buffer_evicted_total`` (``EVICTION_REASONS``: a fixed set, no ``other``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Final
 __all__ = [
     "DEAD_LETTER_REASONS",
     "DECODE_REASONS",
+    "EVICTION_REASONS",
     "REJECT_REASONS",
     "REWARD_REASONS",
 ]
@@ -81,6 +83,15 @@ POISON: Final = "poison"
 no ``except`` catches: a segfault, the OOM killer, ``os._exit``); see
 ``raft_stream.stream.poison``."""
 
+TOO_LONG_TO_TRAIN: Final = "too_long_to_train"
+"""A kept sample whose prompt and response together are longer than
+``training.max_length`` tokens: dropped whole, never cut (a prompt cut from the left loses
+its BOS, system prompt and chat header, so the model would learn a context it never saw)."""
+
+UNTRAINABLE: Final = "untrainable"
+"""A kept sample with nothing to learn or ids the model cannot read: no response tokens,
+or a token id outside the model's vocabulary."""
+
 DEAD_LETTER_REASONS: Final = (
     *DECODE_REASONS,
     GENERATION_FAILED,
@@ -90,6 +101,8 @@ DEAD_LETTER_REASONS: Final = (
     REWARD_FAILED,
     TRAINING_FAILED,
     POISON,
+    TOO_LONG_TO_TRAIN,
+    UNTRAINABLE,
 )
 """Every dead-letter reason: the decoders' and the roles'."""
 
@@ -118,3 +131,15 @@ REJECT_REASONS: Final = (
     REWARD_TIMEOUT,
 )
 """Every reason ranking (``raft_stream.ranking``) and SafeReward reject a sample for."""
+
+# -- buffer evictions: kept samples the trainer's buffer drops before training ---------------
+
+STALE: Final = "stale"
+"""A sample generated more than ``buffer.max_staleness`` adapter versions before the one the
+trainer trains from: refused when it arrives, evicted when a new version is stored."""
+CAPACITY: Final = "capacity"
+"""A sample pushed out of the full buffer by higher rewards (``buffer.capacity``)."""
+
+EVICTION_REASONS: Final = (STALE, CAPACITY)
+"""Every reason the top-k reward buffer (``raft_stream.buffer``) drops a valid sample for:
+the ``reason`` label values of ``raft_stream_buffer_evicted_total``."""

@@ -13,7 +13,9 @@ class PromptRecord:
     """One prompt to sample from.
 
     ``text`` is what the generator sees (chat template already applied where the
-    model has one); ``prompt`` is the user's original prompt.
+    model has one); ``prompt`` is the user's original prompt; ``token_ids`` is ``text``
+    tokenized for the engine (``raft_stream.prompting``: exactly one BOS), empty until
+    the prompt is formatted.
     """
 
     id: str
@@ -21,6 +23,7 @@ class PromptRecord:
     text: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
+    token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.text:
@@ -29,11 +32,21 @@ class PromptRecord:
 
 @dataclass(frozen=True)
 class Completion:
-    """One sampled response and the number of tokens it took."""
+    """One sampled response and the number of tokens it took.
+
+    Engines that expose their tokens (vLLM, transformers) also give what they saw and
+    sampled: ``prompt_token_ids``, the response's ``token_ids`` (the stop token included
+    when the model emitted it) and each sampled token's ``logprobs`` (natural log, of the
+    model's own distribution before temperature and top-p). A black-box backend leaves
+    them empty (None for ``logprobs``) and training falls back to tokenizing the text.
+    """
 
     text: str
     num_tokens: int
     finish_reason: str | None = None
+    token_ids: tuple[int, ...] = ()
+    prompt_token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -51,10 +64,25 @@ class Sample:
     rank: int | None = None
     finish_reason: str | None = None
     """"stop" when the model ended the response itself, "length" when max tokens cut it."""
+    prompt_token_ids: tuple[int, ...] = ()
+    """The prompt's token ids exactly as the engine saw them; empty when the generator
+    returned only text (a black box)."""
+    response_token_ids: tuple[int, ...] = ()
+    """The sampled token ids, the stop token included when the model emitted it; empty
+    when the generator returned only text."""
+    response_logprobs: tuple[float, ...] | None = None
+    """Log-probability of each sampled token under the policy that sampled it (one per
+    ``response_token_ids``; natural log, before temperature); None when not known."""
 
     @property
     def scored(self) -> bool:
         return self.reward is not None and math.isfinite(self.reward)
+
+    @property
+    def token_faithful(self) -> bool:
+        """True when the engine's own token ids travel with the sample: training uses them
+        as they are; otherwise it tokenizes ``prompt_text`` and ``response`` again."""
+        return bool(self.prompt_token_ids) and bool(self.response_token_ids)
 
 
 @dataclass(frozen=True)

@@ -38,24 +38,15 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# The tiny model with vLLM's session engine (max_model_len 256, LoRA rank <= 8), small
-# batches so rounds come often, and fast adapter pick-up.
+# Over the tiny model's preset: a streaming round of 32 samples learns with micro-batches of
+# 8 at twice the preset's LoRA scale (raft_stream/streaming_demo.py); fresh sampling seeds,
+# small batches so rounds come often, and fast adapter pick-up.
 TINY_SETTINGS: dict[str, Any] = {
-    "model.max_model_len": 256,
-    "generation.sampling.k": 8,
-    "generation.sampling.max_new_tokens": 24,
     "generation.sampling.seed": None,
-    "generation.max_lora_rank": 8,
-    "generation.enforce_eager": True,
-    "training.lora_r": 8,
     "training.lora_alpha": 32,
-    "training.learning_rate": 3e-3,
-    "training.epochs": 2,
     "training.batch_size": 8,
-    "training.max_length": 64,
     "buffer.capacity": 64,
     "buffer.batch_size": 32,
-    "ranking.min_response_tokens": 2,
     "daemon.adapter_poll_interval_s": 0.2,
     "daemon.grace_period_s": 20,
     "server.host": "127.0.0.1",
@@ -66,7 +57,8 @@ TINY_SETTINGS: dict[str, Any] = {
 def role_config(
     kafka: KafkaConfig, state_dir: Path, model_dir: Path, **overrides: Any
 ) -> RaftConfig:
-    """A RaftConfig for the tiny model on ``kafka``; ``overrides`` use dotted keys."""
+    """A RaftConfig for the tiny model (in ``model_dir``, with its preset) on ``kafka``;
+    ``overrides`` use dotted keys."""
     settings = {
         **TINY_SETTINGS,
         "model.name_or_path": str(model_dir),
@@ -74,7 +66,9 @@ def role_config(
         **overrides,
     }
     # The kafka section first: dotted "kafka.*" overrides then land inside it.
-    return load_config(overrides={"kafka": kafka.model_dump(mode="json"), **settings})
+    return load_config(
+        overrides={"kafka": kafka.model_dump(mode="json"), **settings}, preset="tiny"
+    )
 
 
 class RoleThread:
@@ -236,12 +230,9 @@ def running_roles(
 ) -> Iterator[Roles]:
     """Start the roles on the session's engine; on exit request shutdown and join them.
 
-    The engine outlives each test, so the adapters an earlier test loaded are removed
-    first: vLLM caches a LoRA by its id (the version number), and every test's store
-    starts again at v1.
+    The engine outlives each test and every test's store starts again at v1: the engine
+    replaces a cached version whose folder or checksum changed (VLLMGenerator._add).
     """
-    for version in engine.added_adapters:
-        engine.remove_adapter(version)
     metrics = RaftMetrics(CollectorRegistry())
     shutdown = Shutdown(cfg.daemon.grace_period_s)
     formatter = PromptFormatter.from_model(str(model_dir), cfg.model)

@@ -1,4 +1,5 @@
-"""The top-k reward buffer: bounded, ordered, persistent, signals a full streaming batch."""
+"""The top-k reward buffer: bounded in size and age, ordered, persistent, signals a full
+streaming batch."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from raft_stream.stream.schema import dumps, encode_sample
 from raft_stream.types import Sample
 
 
-def make(i: int, reward: float) -> Sample:
+def make(i: int, reward: float, version: int = 1) -> Sample:
     return Sample(
         prompt_id=f"p{i}",
         prompt="p",
         prompt_text="p",
         response=f"r{i}",
         response_tokens=5,
-        adapter_version=1,
+        adapter_version=version,
         reward=reward,
     )
 
@@ -30,7 +31,7 @@ def test_keeps_only_the_highest_rewards_when_full() -> None:
     dropped = buffer.add([make(i, r) for i, r in enumerate([0.1, 0.9, 0.5, 0.7, -0.3])])
     assert [s.reward for s in buffer.snapshot()] == [0.9, 0.7, 0.5]
     assert sorted(s.reward for s in dropped) == [-0.3, 0.1]
-    assert buffer.evicted == 2
+    assert buffer.evicted == {"stale": 0, "capacity": 2}
 
 
 def test_refuses_unscored_samples() -> None:
@@ -145,3 +146,112 @@ def test_raises_error_when_a_reward_is_outside_the_configured_bounds() -> None:
     assert caught.value.reason == "reward_out_of_bounds"
     assert buffer.add([make(0, 1e300), make(1, -2.0), make(2, 0.5)]) == []
     assert [s.prompt_id for s in buffer.snapshot()] == ["p2"] and buffer.refused == 2
+
+
+# -- staleness: adapter versions between a sample's generator and the trainer's version -----
+
+
+def test_refuses_and_counts_a_sample_older_than_max_staleness_on_add() -> None:
+    evictions: list[tuple[str, int]] = []
+    buffer = RewardBuffer(
+        capacity=5,
+        batch_size=1,
+        max_staleness=4,
+        version=6,
+        on_evict=lambda reason, n: evictions.append((reason, n)),
+    )
+    dropped = buffer.add([make(0, 0.9, version=1), make(1, 0.5, version=2), make(2, 0.1, 6)])
+    # Version 1 is 5 versions behind 6: too old. Version 2 is 4 behind: the bound, kept.
+    assert dropped == []  # a valid message, just too old: counted, not returned to dead-letter
+    assert [(s.prompt_id, buffer.staleness(s)) for s in buffer.snapshot()] == [
+        ("p1", 4),
+        ("p2", 0),
+    ]
+    assert buffer.evicted == {"stale": 1, "capacity": 0} and buffer.refused == 0
+    assert evictions == [("stale", 1)]
+
+
+def test_storing_a_new_version_evicts_the_samples_that_became_too_stale() -> None:
+    buffer = RewardBuffer(capacity=10, batch_size=1, max_staleness=2, version=3)
+    buffer.add([make(i, i / 10, version=i) for i in range(1, 4)])
+    assert buffer.set_version(4) == [make(1, 0.1, version=1)]
+    assert buffer.version == 4
+    assert [s.adapter_version for s in buffer.snapshot()] == [3, 2]
+    assert buffer.set_version(4) == []  # the same version again evicts nothing more
+    assert buffer.evicted == {"stale": 1, "capacity": 0}
+
+
+def test_max_staleness_zero_keeps_only_samples_of_the_newest_version() -> None:
+    buffer = RewardBuffer(capacity=10, batch_size=1, max_staleness=0, version=2)
+    buffer.add([make(0, 0.9, version=1), make(1, 0.1, version=2)])
+    assert [s.prompt_id for s in buffer.snapshot()] == ["p1"]
+    buffer.set_version(3)
+    assert len(buffer) == 0
+
+
+def test_none_turns_the_staleness_bound_off() -> None:
+    buffer = RewardBuffer(capacity=5, batch_size=1, max_staleness=None, version=100)
+    buffer.add([make(0, 0.9, version=0)])
+    assert buffer.set_version(1000) == []
+    assert buffer.staleness(buffer.snapshot()[0]) == 1000  # still measured, never evicted
+    assert buffer.evicted == {"stale": 0, "capacity": 0}
+
+
+def test_a_sample_of_a_newer_version_than_the_trainer_has_staleness_zero() -> None:
+    # The store fell back to an older verified version: generators still serve the newer one.
+    buffer = RewardBuffer(capacity=5, batch_size=1, max_staleness=0, version=3)
+    buffer.add([make(0, 0.5, version=5)])
+    assert [buffer.staleness(s) for s in buffer.snapshot()] == [0]
+
+
+def test_a_high_reward_from_version_0_is_gone_once_its_staleness_passes_4() -> None:
+    # Issue 9, case 8: the best reward of the base model stayed in the buffer for ever
+    # while versions 1..6 were stored, and every round could train on it.
+    # Lower rewards fill the rest: capacity never pushes the best one out.
+    buffer = RewardBuffer(capacity=4, batch_size=2, max_staleness=4)
+    buffer.add([make(0, 1.0, version=0)])
+    held_after: dict[int, bool] = {}
+    stale_at: dict[int, list[str]] = {}
+    for version in range(1, 7):
+        stale_at[version] = [s.prompt_id for s in buffer.set_version(version)]
+        buffer.add([make(10 * version + i, 0.1 * i, version=version) for i in range(2)])
+        held_after[version] = any(s.prompt_id == "p0" for s in buffer.snapshot())
+    assert held_after == {1: True, 2: True, 3: True, 4: True, 5: False, 6: False}
+    assert "p0" in stale_at[5]  # staleness 5 > 4, evicted as stale
+    assert buffer.evicted["stale"] == sum(len(ids) for ids in stale_at.values())
+
+
+def test_a_restart_evicts_saved_samples_too_stale_for_the_version_given(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "buffer.jsonl"
+    saved = RewardBuffer(capacity=5, batch_size=1, path=path)
+    saved.add([make(0, 0.9, version=1), make(1, 0.5, version=7)])
+    saved.save()
+    evictions: list[tuple[str, int]] = []
+    reloaded = RewardBuffer(
+        capacity=5,
+        batch_size=1,
+        path=path,
+        max_staleness=4,
+        version=8,
+        on_evict=lambda reason, n: evictions.append((reason, n)),
+    )
+    assert [s.prompt_id for s in reloaded.snapshot()] == ["p1"]
+    assert evictions == [("stale", 1)]
+
+
+def test_capacity_evictions_are_reported_with_their_reason() -> None:
+    evictions: list[tuple[str, int]] = []
+    buffer = RewardBuffer(
+        capacity=2, batch_size=1, on_evict=lambda reason, n: evictions.append((reason, n))
+    )
+    buffer.add([make(i, i / 10) for i in range(3)])
+    assert evictions == [("capacity", 1)]
+
+
+def test_raises_error_for_a_negative_staleness_bound_or_version() -> None:
+    with pytest.raises(ValueError, match=r"max_staleness \(-1\) must be >= 0 .* or None"):
+        RewardBuffer(capacity=2, batch_size=1, max_staleness=-1)
+    with pytest.raises(ValueError, match=r"adapter version \(-2\) must be >= 0"):
+        RewardBuffer(capacity=2, batch_size=1).set_version(-2)

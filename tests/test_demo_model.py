@@ -3,6 +3,7 @@ resolution."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raft_stream.data import demo_model
-from raft_stream.data.models import BUILT_IN_MODELS, resolve_model
+from raft_stream.data.models import resolve_model
+from raft_stream.presets import MODEL_PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,8 @@ def test_missing_wheel_raises_with_the_install_command(monkeypatch: pytest.Monke
 
 
 def test_resolve_model_maps_demo_to_its_folder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(BUILT_IN_MODELS, "demo", lambda: Path("/cache/smollm2"))
+    built = dataclasses.replace(MODEL_PRESETS["demo"], ensure=lambda: Path("/cache/smollm2"))
+    monkeypatch.setitem(MODEL_PRESETS, "demo", built)
     assert resolve_model("demo") == "/cache/smollm2"
 
 

@@ -57,6 +57,8 @@ def test_dashboard_covers_every_required_view() -> None:
         "raft_stream_samples_kept_total",
         "raft_stream_generation_distinct2",
         "raft_stream_buffer_samples",
+        "histogram_quantile(0.9, sum by (le) (rate(raft_stream_sample_staleness_versions_bucket",
+        'raft_stream_buffer_evicted_total{namespace=~"$namespace", reason="stale"}',
         "raft_stream_training_loss",
         "raft_stream_training_duration_seconds_bucket",
         "max by (pod, instance) (raft_stream_adapter_version_served",

@@ -10,7 +10,7 @@ from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
 from raft_stream.generation.base import MAX_LORAS, SamplingParams
 from raft_stream.generation.hf_backend import TransformersGenerator
-from raft_stream.types import AdapterVersion
+from raft_stream.types import AdapterVersion, Completion
 
 PROMPTS = ["the movie was", "honestly, the soundtrack was", "i thought the plot was"]
 
@@ -18,6 +18,11 @@ PROMPTS = ["the movie was", "honestly, the soundtrack was", "i thought the plot 
 def _generator(model_dir: Path) -> TransformersGenerator:
     # batch_size 2 < len(PROMPTS): every call spans two batches with different padding.
     return TransformersGenerator(str(model_dir), ModelConfig(), GenerationConfig(batch_size=2))
+
+
+def drawn(results: list[list[Completion]]) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """What was sampled (the log-probs beside it may differ in the last float bits)."""
+    return [[(c.text, c.token_ids) for c in per_prompt] for per_prompt in results]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +46,7 @@ def test_returns_n_completions_per_prompt_within_max_new_tokens(
 def test_token_counts_include_eos_and_exclude_padding(generator: TransformersGenerator) -> None:
     params = SamplingParams(n=4, max_new_tokens=40, seed=1)
     completions = [c for per_prompt in generator.generate(PROMPTS, params) for c in per_prompt]
-    token_ids = [
-        ids for per_prompt in generator.generate_token_ids(PROMPTS, params) for ids in per_prompt
-    ]
+    token_ids = [list(c.token_ids) for c in completions]
 
     assert [c.num_tokens for c in completions] == [len(ids) for ids in token_ids]
     pad = generator.tokenizer.pad_token_id
@@ -77,13 +80,13 @@ def test_adapter_versions_change_samples_and_switching_back_reproduces(
     v1, v2, _ = tiny_lora_adapters
     params = SamplingParams(n=4, max_new_tokens=16, seed=3)
 
-    base = generator.generate(PROMPTS, params)
-    first = generator.generate(PROMPTS, params, v1)
-    second = generator.generate(PROMPTS, params, v2)
+    base = drawn(generator.generate(PROMPTS, params))
+    first = drawn(generator.generate(PROMPTS, params, v1))
+    second = drawn(generator.generate(PROMPTS, params, v2))
 
     assert first != base and second != base and first != second
-    assert generator.generate(PROMPTS, params, v1) == first
-    assert generator.generate(PROMPTS, params) == base
+    assert drawn(generator.generate(PROMPTS, params, v1)) == first
+    assert drawn(generator.generate(PROMPTS, params)) == base
 
 
 def test_evicts_least_recently_used_adapter_beyond_max_loras(
@@ -98,7 +101,8 @@ def test_evicts_least_recently_used_adapter_beyond_max_loras(
 
     assert MAX_LORAS == 2
     assert generator.peft_model is not None
-    assert set(generator.peft_model.peft_config) == {"v1", "v3"}
+    loaded = {name.split("-")[0] for name in generator.peft_model.peft_config}
+    assert loaded == {"v1", "v3"}
 
 
 def test_reports_adapter_load_time_only_on_first_use(
@@ -120,3 +124,18 @@ def test_raises_adapter_error_when_folder_is_missing(
 
     with pytest.raises(AdapterError, match=r"could not load adapter v9 from .*nowhere"):
         generator.generate(PROMPTS, SamplingParams(n=1, max_new_tokens=2), missing)
+
+
+def test_a_version_number_seen_again_from_another_folder_serves_the_new_weights(
+    generator: TransformersGenerator, tiny_lora_adapters: list[AdapterVersion]
+) -> None:
+    # A fresh adapter store (or a test's fresh run) numbers its versions from 1 again: the
+    # engine must serve the new v1's weights, not the ones it cached under that number.
+    v1, v2, _ = tiny_lora_adapters
+    params = SamplingParams(n=2, max_new_tokens=12, seed=4)
+    old = generator.generate(PROMPTS, params, v1)
+    new = generator.generate(PROMPTS, params, v2)
+    renumbered = AdapterVersion(1, v2.path, "other-store", v2.base_model, 0.0)
+
+    assert drawn(generator.generate(PROMPTS, params, renumbered)) == drawn(new) != drawn(old)
+    assert drawn(generator.generate(PROMPTS, params, v1)) == drawn(old)

@@ -100,9 +100,12 @@ class CompletionsServer(ThreadingHTTPServer):
             seed=body.get("seed"),
         )
         with self._lock:
-            outputs = self.generator.generate_token_ids(
-                body["prompt"], params, self.adapters.get(model)
-            )
+            outputs = [
+                [list(c.token_ids) for c in per_prompt]
+                for per_prompt in self.generator.generate(
+                    body["prompt"], params, self.adapters.get(model)
+                )
+            ]
         tokenizer = self.generator.tokenizer
         choices = []
         for i, per_prompt in enumerate(outputs):

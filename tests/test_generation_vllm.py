@@ -125,3 +125,18 @@ def test_missing_adapter_folder_raises_and_engine_keeps_serving(
     with pytest.raises(AdapterError, match=r"could not load adapter v9 from .*nowhere"):
         vllm_generator.generate(PROMPTS, params, missing)
     assert len(vllm_generator.generate(PROMPTS, params)) == len(PROMPTS)
+
+
+def test_a_version_number_seen_again_from_another_folder_serves_the_new_weights(
+    vllm_generator: VLLMGenerator, tiny_lora_adapters: list[AdapterVersion]
+) -> None:
+    # A fresh adapter store (or a test's fresh run) numbers its versions from 1 again: the
+    # engine must serve the new v1's weights, not the ones it cached under that number.
+    v1, v2, _ = tiny_lora_adapters
+    params = SamplingParams(n=2, max_new_tokens=12, seed=4)
+    old = vllm_generator.generate(PROMPTS, params, v1)
+    new = vllm_generator.generate(PROMPTS, params, v2)
+    renumbered = AdapterVersion(1, v2.path, "other-store", v2.base_model, 0.0)
+
+    assert vllm_generator.generate(PROMPTS, params, renumbered) == new != old
+    assert vllm_generator.generate(PROMPTS, params, v1) == old

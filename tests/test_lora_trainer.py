@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,13 @@ from raft_stream.metrics import RaftMetrics
 from raft_stream.roles.adapters import adapter_store_root
 from raft_stream.roles.lifecycle import Shutdown
 from raft_stream.roles.trainer import TrainerRole
-from raft_stream.training.lora_trainer import IGNORE_INDEX, LoRATrainer, encode_sample
+from raft_stream.training.lora_trainer import (
+    IGNORE_INDEX,
+    LoRATrainer,
+    TrainingExample,
+    UntrainableSampleError,
+    training_example,
+)
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import Sample
 
@@ -42,29 +50,95 @@ def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def example(trainer: LoRATrainer, sample: Sample, max_length: int = 64) -> TrainingExample:
+    return training_example(trainer.tokenizer, sample, max_length, trainer.vocab_size)
+
+
 def test_labels_mask_the_prompt_and_end_with_eos(tiny_model_dir: Path) -> None:
     trainer = LoRATrainer(str(tiny_model_dir), CFG)
     tok = trainer.tokenizer
-    ids, labels = encode_sample(tok, make(" wonderful."), max_length=64)
+    encoded = example(trainer, make(" wonderful."))
     n_prompt = len(tok("the movie was").input_ids)
-    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert labels[n_prompt:] == ids[n_prompt:]
-    assert labels[-1] == tok.eos_token_id
+    assert encoded.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert encoded.labels[n_prompt:] == encoded.input_ids[n_prompt:]
+    assert encoded.labels[-1] == tok.eos_token_id
+    assert encoded.retokenized and not encoded.has_old  # a text-only sample
 
 
 def test_a_response_cut_by_max_tokens_gets_no_eos(tiny_model_dir: Path) -> None:
-    tok = LoRATrainer(str(tiny_model_dir), CFG).tokenizer
-    _, labels = encode_sample(tok, make(" wonderful", finish="length"), max_length=64)
-    assert labels[-1] != tok.eos_token_id
+    trainer = LoRATrainer(str(tiny_model_dir), CFG)
+    encoded = example(trainer, make(" wonderful", finish="length"))
+    assert encoded.labels[-1] != trainer.tokenizer.eos_token_id
 
 
-def test_long_samples_lose_prompt_tokens_from_the_left(tiny_model_dir: Path) -> None:
-    tok = LoRATrainer(str(tiny_model_dir), CFG).tokenizer
-    sample = make(" great.", prompt="the movie was " * 30)
-    ids, labels = encode_sample(tok, sample, max_length=16)
-    response_len = len(tok(" great.", add_special_tokens=False).input_ids) + 1
-    assert len(ids) == 16
-    assert labels[-response_len:] == ids[-response_len:]
+def test_a_sample_with_engine_ids_is_trained_on_exactly_those_ids(tiny_model_dir: Path) -> None:
+    trainer = LoRATrainer(str(tiny_model_dir), CFG)
+    # Ids no tokenizer would give for this text: training must not look at the text.
+    sample = replace(
+        make(" text that says something else"),
+        prompt_token_ids=(0, 5, 6, 7),
+        response_token_ids=(8, 9, 1),
+        response_logprobs=(-0.5, -1.0, -0.25),
+    )
+    encoded = example(trainer, sample)
+    assert encoded.input_ids == [0, 5, 6, 7, 8, 9, 1]
+    assert encoded.labels == [IGNORE_INDEX] * 4 + [8, 9, 1]
+    assert encoded.old_logprobs == [0.0] * 4 + [-0.5, -1.0, -0.25]
+    assert encoded.has_old and not encoded.retokenized
+
+
+def test_a_sample_longer_than_max_length_is_dropped_never_cut(tiny_model_dir: Path) -> None:
+    # Issue 9 case 5: a long prompt was cut from the left (BOS, system prompt and chat
+    # header gone) and the model trained on a context it never saw.
+    trainer = LoRATrainer(str(tiny_model_dir), CFG)
+    long = make(" great.", prompt="the movie was " * 30)
+    with pytest.raises(UntrainableSampleError, match=r"> training\.max_length \(16\)") as err:
+        example(trainer, long, max_length=16)
+    assert err.value.reason == "too_long_to_train"
+    result = trainer.train([long, *BATCH[:2]])  # the trainer's max_length is 64
+    assert [(reason, s.prompt_id) for s, reason, _ in result.dropped] == [
+        ("too_long_to_train", long.prompt_id)
+    ]
+    assert result.samples == 2 and result.optimizer_steps == 1
+
+
+def test_token_ids_outside_the_vocabulary_are_untrainable(tiny_model_dir: Path) -> None:
+    trainer = LoRATrainer(str(tiny_model_dir), CFG)
+    hostile = replace(make(" x"), prompt_token_ids=(0, 5), response_token_ids=(10**9,))
+    result = trainer.train([hostile])
+    assert result.optimizer_steps == 0 and math.isnan(result.loss)
+    assert [reason for _, reason, _ in result.dropped] == ["untrainable"]
+    assert "outside the model's vocabulary" in result.dropped[0][2]
+
+
+def test_max_length_defaults_to_the_model_context(tiny_model_dir: Path) -> None:
+    trainer = LoRATrainer(str(tiny_model_dir), TrainingConfig(lora_r=4, lora_alpha=8))
+    assert trainer.max_length == 256  # the tiny model's max_position_embeddings
+
+
+def test_clipped_importance_sampling_stops_the_gradient_past_1_plus_eps(
+    tiny_model_dir: Path,
+) -> None:
+    cfg = CFG.model_copy(update={"loss_type": "clipped_is", "clip_epsilon": 0.2})
+    trainer = LoRATrainer(str(tiny_model_dir), cfg)
+    fresh = replace(
+        make(" fine."), prompt_token_ids=(0, 309, 317, 263), response_token_ids=(400, 1)
+    )
+    current = trainer.logprobs([fresh])[0]
+    # Sampled by a policy that gave these tokens far less probability: ratio >> 1 + eps.
+    improbable = replace(fresh, response_logprobs=tuple(lp - 3.0 for lp in current))
+
+    def lora_weights() -> list[torch.Tensor]:
+        return [p.detach().clone() for n, p in trainer.model.named_parameters() if "lora" in n]
+
+    before = lora_weights()
+    result = trainer.train([improbable])
+    assert result.clip_fraction == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_weights(), strict=True))
+    # Sampled by this very policy: ratio 1, nothing clipped, the SFT gradient moves it.
+    same = replace(fresh, response_logprobs=tuple(current))
+    assert trainer.train([same]).clip_fraction == 0.0
+    assert not all(torch.equal(a, b) for a, b in zip(before, lora_weights(), strict=True))
 
 
 def test_training_lowers_the_loss_on_a_repeated_batch(tiny_model_dir: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from raft_stream import __version__
-from raft_stream.metrics import REJECT_REASONS, RaftMetrics
+from raft_stream.metrics import EVICTION_REASONS, REJECT_REASONS, RaftMetrics
 from tests.promtool import promtool
 
 
@@ -42,6 +42,9 @@ def _exercise(m: RaftMetrics) -> None:
     m.consumer_lag_messages.labels(topic="raft.prompts").set(7)
     m.buffer_capacity.set(256)
     m.buffer_samples.set(40)
+    m.count_buffer_eviction("stale", 2)
+    m.count_buffer_eviction("capacity")
+    m.observe_staleness([0, 0, 1, 4])
     m.kept_reward_mean.set(0.8)
     m.set_stored_version(1)
     m.set_served_version(1)
@@ -49,6 +52,7 @@ def _exercise(m: RaftMetrics) -> None:
     m.observe_generation(tokens=480, seconds=2.0)
     m.observe_responses(["a good film", "a good plot"])
     m.observe_training_round(steps=4, tokens=2000, seconds=10.0, loss=1.5)
+    m.learning_stalled.set(0)
     m.ready.set(1)
 
 
@@ -156,6 +160,7 @@ def test_role_specific_gauges_read_nan_until_set(metrics: RaftMetrics) -> None:
         "raft_stream_kept_reward_mean",
         "raft_stream_training_loss",
         "raft_stream_training_tokens_per_second",
+        "raft_stream_learning_stalled",
     ):
         assert math.isnan(_value(metrics, name) or 0.0), name
     metrics.observe_responses([])
@@ -176,3 +181,31 @@ def test_throughput_and_training_round(metrics: RaftMetrics) -> None:
 def test_build_info_names_the_version(metrics: RaftMetrics) -> None:
     labels = {"version": __version__, "python": platform.python_version()}
     assert _value(metrics, "raft_stream_build_info", **labels) == 1
+
+
+def test_buffer_evictions_are_exported_at_0_for_every_reason_from_the_start(
+    metrics: RaftMetrics,
+) -> None:
+    assert EVICTION_REASONS == ("stale", "capacity")
+    for reason in EVICTION_REASONS:
+        assert _value(metrics, "raft_stream_buffer_evicted_total", reason=reason) == 0
+    metrics.count_buffer_eviction("stale", 3)
+    assert _value(metrics, "raft_stream_buffer_evicted_total", reason="stale") == 3
+
+
+def test_raises_error_for_a_buffer_eviction_reason_outside_the_fixed_set(
+    metrics: RaftMetrics,
+) -> None:
+    with pytest.raises(ValueError, match=r"reason 'full' is not one of \('stale', 'capacity'\)"):
+        metrics.count_buffer_eviction("full")
+
+
+def test_sample_staleness_is_a_histogram_of_versions_behind(metrics: RaftMetrics) -> None:
+    metrics.observe_staleness([0, 0, 3, 5, 100])
+    name = "raft_stream_sample_staleness_versions"
+    assert _value(metrics, f"{name}_count") == 5
+    assert _value(metrics, f"{name}_bucket", le="0.0") == 2
+    assert _value(metrics, f"{name}_bucket", le="4.0") == 3
+    assert _value(metrics, f"{name}_bucket", le="6.0") == 4
+    assert _value(metrics, f"{name}_bucket", le="64.0") == 4
+    assert _value(metrics, f"{name}_bucket", le="+Inf") == 5

@@ -99,19 +99,13 @@ def start_prometheus(target: str, workdir: Path, rule_files: list[Path]) -> Prom
     return Prometheus(url, process)
 
 
-def _daemon_config(
-    workdir: Path, model: Path, bootstrap: str, name: Callable[[str], str], port: int
-) -> Path:
+def _daemon_config(workdir: Path, bootstrap: str, name: Callable[[str], str], port: int) -> Path:
     config = {
-        "model": {"name_or_path": str(model), "max_model_len": 256},
-        "generation": {
-            "enforce_eager": True,
-            "max_lora_rank": 8,
-            "sampling": {"k": 4, "max_new_tokens": 16},
-        },
+        "model": {"name_or_path": "tiny"},  # and its preset, under these settings
+        "generation": {"sampling": {"k": 4, "max_new_tokens": 16}},
         "ranking": {"min_response_tokens": 1},
         "buffer": {"capacity": 32, "batch_size": 8},
-        "training": {"lora_r": 8, "lora_alpha": 16, "batch_size": 8, "learning_rate": 1e-3},
+        "training": {"batch_size": 8, "learning_rate": 1e-3},
         "store": {"root": str(workdir / "adapters")},
         "kafka": {
             "bootstrap_servers": bootstrap,
@@ -158,9 +152,10 @@ def scrape_target(
     from raft_stream.data.tiny_model import tiny_prompts
     from tests.roles_support import produce_prompts, produce_raw
 
+    # tiny_model_dir: the model is built before the daemon starts (its name is "tiny").
     workdir = tmp_path_factory.mktemp("daemon")
     port = _free_port()
-    config_path = _daemon_config(workdir, tiny_model_dir, kafka_broker, unique_name, port)
+    config_path = _daemon_config(workdir, kafka_broker, unique_name, port)
     kafka = load_config(config_path).kafka
     prompts = tiny_prompts("train")
     produce_prompts(kafka, [(f"p{i}", prompts[i % len(prompts)].prompt) for i in range(3000)])

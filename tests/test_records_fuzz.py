@@ -65,6 +65,10 @@ VALID: dict[str, dict[str, Any]] = {
         "reject_reason": None,
         "finish_reason": "stop",
         "created_at": 1.0,
+        "tokens": "sampled",
+        "prompt_token_ids": [0, 5, 6],
+        "response_token_ids": [7, 1],
+        "response_logprobs": [-0.5, -0.125],
     },
     "adapter": {
         "version": 1,

@@ -143,6 +143,50 @@ def test_decode_sample_raises_error_when_a_field_is_wrong(
     assert caught.value.reason == reason
 
 
+def test_a_sample_carries_the_engine_token_ids_and_logprobs_and_says_so() -> None:
+    sample = Sample(
+        "p1",
+        "Hi",
+        "Hi",
+        "Hello",
+        2,
+        0,
+        reward=0.5,
+        prompt_token_ids=(0, 17),
+        response_token_ids=(99, 1),
+        response_logprobs=(-1.5, -0.25),
+    )
+    message = encode_sample(sample)
+    assert message["tokens"] == "sampled"
+    assert decode_sample(dumps(message)) == sample
+    text_only = Sample("p1", "Hi", "Hi", "Hello", 2, 0, reward=0.5)
+    assert encode_sample(text_only)["tokens"] == "text"
+    assert not decode_sample(dumps(encode_sample(text_only))).token_faithful
+
+
+@pytest.mark.parametrize(
+    ("change", "detail"),
+    [
+        ({"prompt_token_ids": [0, -1]}, "token ids"),
+        ({"response_token_ids": [2**31]}, "token ids"),
+        ({"response_token_ids": [1, True]}, "token ids"),
+        ({"prompt_token_ids": None}, "sent together"),
+        ({"response_logprobs": [-1.0]}, "one per"),
+        ({"response_logprobs": [-1.0, 0.5]}, "<= 0"),
+    ],
+)
+def test_decode_sample_refuses_token_ids_and_logprobs_that_do_not_fit(
+    change: dict[str, object], detail: str
+) -> None:
+    sample = Sample(
+        "p1", "Hi", "Hi", "Hello", 2, 0, prompt_token_ids=(0,), response_token_ids=(5, 1)
+    )
+    message = encode_sample(sample) | {"response_logprobs": [-1.0, -2.0]} | change
+    with pytest.raises(MessageError, match=detail) as caught:
+        decode_sample(dumps(message))
+    assert caught.value.reason == "bad_field_type"
+
+
 def test_adapter_announcement_round_trips(tmp_path: Path) -> None:
     adapter = AdapterVersion(3, tmp_path / "v000003", "ab" * 32, "demo", 1700.5, {"loss": 1.25})
     message = encode_adapter(adapter)

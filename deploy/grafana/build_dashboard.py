@@ -50,15 +50,18 @@ def single(title: str, description: str, unit: str, expr: str) -> Any:
     return panel.with_target(target).height(4).span(6)
 
 
-def quantiles(metric: str, by: str, legend: str) -> list[prometheus.Dataquery]:
-    """p10/p50/p90 of a histogram, split by the ``by`` labels."""
+def quantiles(
+    metric: str, by: str, legend: str, levels: tuple[float, ...] = (0.1, 0.5, 0.9)
+) -> list[prometheus.Dataquery]:
+    """The ``levels`` quantiles (default p10/p50/p90) of a histogram, split by the ``by``
+    labels; their refIds are B, C, D, ... in that order."""
     return [
         query(
             f"histogram_quantile({q}, sum by (le{by}) (rate({metric}_bucket{{{NS}}}[{RATE}])))",
             f"p{round(q * 100)} {legend}",
-            ref,
+            chr(ord("B") + i),
         )
-        for q, ref in ((0.1, "B"), (0.5, "C"), (0.9, "D"))
+        for i, q in enumerate(levels)
     ]
 
 
@@ -214,6 +217,36 @@ def build() -> dict[str, Any]:
             "none",
             query(f"sum(raft_stream_buffer_samples{{{NS}}})", "samples"),
             query(f"sum(raft_stream_buffer_capacity{{{NS}}})", "capacity", "B"),
+        )
+    )
+    board = board.with_panel(
+        series(
+            "Sample staleness",
+            "Adapter versions between the version that generated a trained-on sample and the "
+            "one the trainer trained from (p50/p90; 0: the newest), and samples evicted per "
+            "second for being older than buffer.max_staleness.",
+            "none",
+            *quantiles("raft_stream_sample_staleness_versions", "", "staleness", (0.5, 0.9)),
+            query(
+                f'sum(rate(raft_stream_buffer_evicted_total{{{NS}, reason="stale"}}[{RATE}]))',
+                "stale evictions/s",
+            ),
+        )
+    )
+    board = board.with_panel(
+        series(
+            "Learning health",
+            "1 while the loss has not fallen and the reward not risen over the last "
+            "training.stall_rounds rounds; and samples trained on per second, by where their "
+            "token ids came from (sampled: the engine's own; text: tokenized again from a "
+            "black-box generator's text).",
+            "none",
+            query(f"max(raft_stream_learning_stalled{{{NS}}})", "stalled"),
+            query(
+                f"sum by (tokens) (rate(raft_stream_training_samples_total{{{NS}}}[{RATE}]))",
+                "samples/s: {{tokens}}",
+                "B",
+            ),
         )
     )
     board = board.with_panel(

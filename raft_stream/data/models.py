@@ -1,24 +1,15 @@
-"""Model names that raft-stream builds itself: ``demo`` and ``tiny``."""
+"""Model names that raft-stream builds itself: the presets' ``demo`` and ``tiny``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from raft_stream.presets import MODEL_PRESETS
 
-from raft_stream.data.demo_model import ensure_demo_model
-from raft_stream.data.tiny_model import ensure_tiny_model
-
-__all__ = ["BUILT_IN_MODELS", "resolve_model"]
-
-BUILT_IN_MODELS: dict[str, Callable[[], Path]] = {
-    "demo": ensure_demo_model,
-    "tiny": ensure_tiny_model,
-}
-"""Names resolved to a cached local folder, built on first use."""
+__all__ = ["resolve_model"]
 
 
 def resolve_model(name_or_path: str) -> str:
-    """The folder for ``demo`` or ``tiny``; any other name or path is returned unchanged.
+    """The folder of a built-in model (raft_stream.presets, built on first use); any other
+    name or path is returned unchanged.
 
     Example:
         >>> resolve_model("tiny")  # doctest: +SKIP
@@ -26,5 +17,5 @@ def resolve_model(name_or_path: str) -> str:
         >>> resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
         'HuggingFaceTB/SmolLM2-135M-Instruct'
     """
-    ensure = BUILT_IN_MODELS.get(name_or_path)
-    return str(ensure()) if ensure else name_or_path
+    preset = MODEL_PRESETS.get(name_or_path)
+    return str(preset.ensure()) if preset else name_or_path

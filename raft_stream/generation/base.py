@@ -46,6 +46,22 @@ class SamplingParams:
         return replace(self, **renamed)
 
 
+@dataclass(frozen=True)
+class EnginePrompt:
+    """A prompt as a backend takes it: its text (the seed, logs, text-only backends) and
+    its token ids (``raft_stream.prompting.prompt_token_ids``). Engines that take token ids
+    sample from ``token_ids`` when given, so generation and training see the same ids;
+    empty ids let the engine tokenize ``text`` itself."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, prompt: str | EnginePrompt) -> EnginePrompt:
+        """A plain string is a prompt the engine tokenizes itself."""
+        return prompt if isinstance(prompt, EnginePrompt) else cls(prompt)
+
+
 MAX_LORAS = 2
 """Adapter versions a backend keeps loaded: the new one plus the previous one while requests
 on it finish. Older versions are evicted least recently used first."""
@@ -115,7 +131,8 @@ def prompt_seed(seed: int | None, prompt: str) -> int | None:
 
 @runtime_checkable
 class Generator(Protocol):
-    """Samples ``params.n`` completions for each prompt text.
+    """Samples ``params.n`` completions for each prompt (a text, or an EnginePrompt with
+    its token ids).
 
     ``adapter`` None samples from the base model; otherwise from that LoRA version.
     Returns one list of ``params.n`` completions per prompt, in prompt order.
@@ -123,7 +140,7 @@ class Generator(Protocol):
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | EnginePrompt],
         params: SamplingParams,
         adapter: AdapterVersion | None = None,
     ) -> list[list[Completion]]: ...

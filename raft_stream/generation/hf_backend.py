@@ -14,6 +14,7 @@ Example (the tiny model):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
-from raft_stream.generation.base import MAX_LORAS, GenerationStats, SamplingParams
+from raft_stream.generation.base import MAX_LORAS, EnginePrompt, GenerationStats, SamplingParams
 from raft_stream.types import AdapterVersion, Completion
 
 __all__ = ["TransformersGenerator"]
@@ -64,45 +65,51 @@ class TransformersGenerator:
             eos = self.tokenizer.eos_token_id
         self.eos_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos])
         self.last_stats: GenerationStats | None = None
-        self._adapters: OrderedDict[int, str] = OrderedDict()  # version -> peft name, LRU first
+        self._load_ids = itertools.count()  # peft names must be unique while loaded
+        # (version, folder, sha256) -> peft adapter name, least recently used first. A version
+        # number seen again with another folder or checksum (a new store) is another adapter.
+        self._adapters: OrderedDict[tuple[int, str, str], str] = OrderedDict()
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | EnginePrompt],
         params: SamplingParams,
         adapter: AdapterVersion | None = None,
     ) -> list[list[Completion]]:
-        """``params.n`` completions per prompt text (passed as-is, template already applied)."""
+        """``params.n`` completions per prompt: from its token ids when given (an
+        EnginePrompt), else from its text (template already applied). Each completion
+        carries the prompt ids, the sampled ids (eos included, no padding) and their
+        log-probs under the model's raw distribution."""
         started = time.perf_counter()
         load_s = self._activate(adapter)
-        results = [
-            [self._completion(ids) for ids in per_prompt]
-            for per_prompt in self._sample(prompts, params, adapter)
-        ]
+        inputs = [EnginePrompt.of(prompt) for prompt in prompts]
+        results = self._sample(inputs, params, adapter)
         self.last_stats = GenerationStats.of(results, time.perf_counter() - started, load_s)
         return results
-
-    def generate_token_ids(
-        self,
-        prompts: Sequence[str],
-        params: SamplingParams,
-        adapter: AdapterVersion | None = None,
-    ) -> list[list[list[int]]]:
-        """Like generate(), but each completion as its token ids (eos included, no padding)."""
-        self._activate(adapter)
-        return self._sample(prompts, params, adapter)
 
     def close(self) -> None:
         """Nothing to stop: the model is freed with this object."""
 
-    def _completion(self, ids: list[int]) -> Completion:
+    def _completion(
+        self, prompt_ids: tuple[int, ...], ids: list[int], logprobs: list[float]
+    ) -> Completion:
         stopped = bool(ids) and ids[-1] in self.eos_ids
         text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
-        return Completion(text, len(ids), "stop" if stopped else "length")
+        return Completion(
+            text,
+            len(ids),
+            "stop" if stopped else "length",
+            token_ids=tuple(ids),
+            prompt_token_ids=prompt_ids,
+            logprobs=tuple(logprobs),
+        )
+
+    def _prompt_ids(self, prompt: EnginePrompt) -> tuple[int, ...]:
+        return prompt.token_ids or tuple(self.tokenizer(prompt.text).input_ids)
 
     def _sample(
-        self, prompts: Sequence[str], params: SamplingParams, adapter: AdapterVersion | None
-    ) -> list[list[list[int]]]:
+        self, prompts: list[EnginePrompt], params: SamplingParams, adapter: AdapterVersion | None
+    ) -> list[list[Completion]]:
         sampling = params.temperature > 0
         # Greedy decoding gives n identical answers: compute one and repeat it.
         per_prompt = params.n if sampling else 1
@@ -113,13 +120,12 @@ class TransformersGenerator:
         if sampling:
             # top_k=0: no top-k cut, as in vLLM (transformers defaults to 50).
             options |= {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
-        out: list[list[list[int]]] = []
+        out: list[list[Completion]] = []
         with _seeded(params.seed), self._adapter_scope(adapter), torch.inference_mode():
             for start in range(0, len(prompts), self.batch_size):
-                batch = self.tokenizer(
-                    list(prompts[start : start + self.batch_size]),
-                    return_tensors="pt",
-                    padding=True,
+                prompt_ids = [self._prompt_ids(p) for p in prompts[start : start + self.batch_size]]
+                batch = self.tokenizer.pad(
+                    {"input_ids": [list(ids) for ids in prompt_ids]}, return_tensors="pt"
                 ).to(self.device)
                 # generate() comes from GenerationMixin, which the causal-LM classes add to
                 # PreTrainedModel; mypy only sees the base class.
@@ -128,13 +134,22 @@ class TransformersGenerator:
                     num_return_sequences=per_prompt,
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=sorted(self.eos_ids),
+                    return_dict_in_generate=True,
+                    output_logits=True,
                     **options,
                 )
-                new_tokens = generated[:, batch["input_ids"].shape[1] :].tolist()
-                rows = [self._until_eos(row) for row in new_tokens]
-                for i in range(0, len(rows), per_prompt):
-                    group = rows[i : i + per_prompt]
-                    out.append(group if sampling else [list(group[0]) for _ in range(params.n)])
+                new_tokens = generated.sequences[:, batch["input_ids"].shape[1] :]
+                # Raw logits of each step (before temperature and top-p), as vLLM reports.
+                steps = torch.stack(generated.logits, dim=1).float().log_softmax(-1)
+                logprobs = steps.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+                for row in range(new_tokens.shape[0]):
+                    ids = self._until_eos(new_tokens[row].tolist())
+                    completion = self._completion(
+                        prompt_ids[row // per_prompt], ids, logprobs[row, : len(ids)].tolist()
+                    )
+                    if row % per_prompt == 0:
+                        out.append([])
+                    out[-1].extend([completion] * (1 if sampling else params.n))
         return out
 
     def _until_eos(self, row: list[int]) -> list[int]:
@@ -149,22 +164,24 @@ class TransformersGenerator:
         ``MAX_LORAS``. Returns the seconds spent loading."""
         if adapter is None:
             return 0.0
-        if adapter.version in self._adapters:
-            self._adapters.move_to_end(adapter.version)
+        key = _identity(adapter)
+        if key in self._adapters:
+            self._adapters.move_to_end(key)
             return 0.0
         started = time.perf_counter()
+        name = f"{adapter.name}-{next(self._load_ids)}"
         try:
             if self.peft_model is None:
                 self.peft_model = PeftModel.from_pretrained(
-                    self.model, str(adapter.path), adapter_name=adapter.name
+                    self.model, str(adapter.path), adapter_name=name
                 ).eval()
             else:
-                self.peft_model.load_adapter(str(adapter.path), adapter_name=adapter.name)
+                self.peft_model.load_adapter(str(adapter.path), adapter_name=name)
         except (OSError, ValueError) as exc:
             raise AdapterError(
                 f"peft could not load adapter {adapter.name} from {adapter.path}: {exc}"
             ) from exc
-        self._adapters[adapter.version] = adapter.name
+        self._adapters[key] = name
         while len(self._adapters) > MAX_LORAS:
             _, oldest = self._adapters.popitem(last=False)
             self.peft_model.delete_adapter(oldest)
@@ -179,8 +196,12 @@ class TransformersGenerator:
             with self.peft_model.disable_adapter():
                 yield
         else:
-            self.peft_model.set_adapter(adapter.name)
+            self.peft_model.set_adapter(self._adapters[_identity(adapter)])
             yield
+
+
+def _identity(adapter: AdapterVersion) -> tuple[int, str, str]:
+    return (adapter.version, str(adapter.path), adapter.sha256)
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ import requests.adapters
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError, ConfigError
 from raft_stream.generation.base import (
+    EnginePrompt,
     GenerationError,
     GenerationStats,
     GenerationUnavailableError,
@@ -89,11 +90,15 @@ class OpenAIGenerator:
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | EnginePrompt],
         params: SamplingParams,
         adapter: AdapterVersion | None = None,
     ) -> list[list[Completion]]:
         """``params.n`` completions per prompt text (passed as-is, template already applied).
+
+        A black box: the server is sent text and answers text, so completions carry no
+        token ids and the trainer tokenizes the text again (the sample says so: it is not
+        ``token_faithful``).
 
         Unseeded, one request carries every prompt. Seeded, each prompt goes in a request of
         its own with ``prompt_seed(seed, prompt)`` (the API takes one seed a request, which
@@ -102,19 +107,20 @@ class OpenAIGenerator:
         """
         if not prompts:
             return []  # the API refuses an empty prompt list
+        texts = [EnginePrompt.of(prompt).text for prompt in prompts]
         started = time.perf_counter()
         load_s = self._load(adapter)
         if params.seed is None:
-            results, reload_s = self._complete(list(prompts), params, adapter, None)
+            results, reload_s = self._complete(texts, params, adapter, None)
             load_s += reload_s
         else:
-            seeds = [prompt_seed(params.seed, prompt) for prompt in prompts]
-            workers = min(len(prompts), _MAX_CONCURRENT_REQUESTS)
+            seeds = [prompt_seed(params.seed, text) for text in texts]
+            workers = min(len(texts), _MAX_CONCURRENT_REQUESTS)
             with ThreadPoolExecutor(workers, thread_name_prefix="raft-stream-openai") as pool:
                 answers = list(
                     pool.map(
                         lambda prompt, seed: self._complete([prompt], params, adapter, seed),
-                        prompts,
+                        texts,
                         seeds,
                     )
                 )

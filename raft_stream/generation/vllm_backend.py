@@ -16,12 +16,15 @@ Example (the tiny model; scripts need ``if __name__ == "__main__":``, vLLM spawn
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
 
 import vllm
+from vllm.inputs import PromptType, TokensPrompt
 from vllm.lora.request import LoRARequest
+from vllm.outputs import CompletionOutput
 from vllm.platforms import current_platform
 from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
@@ -30,6 +33,7 @@ from raft_stream.errors import AdapterError
 from raft_stream.generation.base import (
     MAX_LORAS,
     EngineDeadError,
+    EnginePrompt,
     GenerationStats,
     SamplingParams,
     prompt_seed,
@@ -71,8 +75,9 @@ class VLLMGenerator:
         self.last_stats: GenerationStats | None = None
         self.death: EngineDeath | None = None
         """Why the engine died, once it has; a dead engine never samples again."""
-        # Versions added to the engine once (vLLM reloads evicted ones from their path).
-        self._added: set[int] = set()
+        # Version -> (folder, sha256) of the adapter registered under that LoRA id; vLLM
+        # reloads an evicted one from its folder.
+        self._added: dict[int, tuple[str, str]] = {}
 
     @property
     def added_adapters(self) -> frozenset[int]:
@@ -81,31 +86,41 @@ class VLLMGenerator:
 
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | EnginePrompt],
         params: SamplingParams,
         adapter: AdapterVersion | None = None,
     ) -> list[list[Completion]]:
-        """``params.n`` completions per prompt text (passed as-is, template already applied)."""
+        """``params.n`` completions per prompt: from its token ids when given (an
+        EnginePrompt), else from its text (template already applied). Each completion
+        carries the prompt ids the engine saw, the sampled ids and their log-probs."""
         started = time.perf_counter()
         lora = self._lora_request(adapter)
-        load_s = self._add(lora) if lora is not None else 0.0
+        load_s = self._add(lora, adapter.sha256) if lora is not None and adapter else 0.0
+        inputs = [EnginePrompt.of(prompt) for prompt in prompts]
         sampling = [
             vllm.SamplingParams(
                 n=params.n,
                 temperature=params.temperature,
                 top_p=params.top_p,
                 max_tokens=params.max_new_tokens,
-                seed=prompt_seed(params.seed, prompt),
+                seed=prompt_seed(params.seed, prompt.text),
+                # The sampled token's log-prob at each step (0 = no alternatives), of the
+                # model's raw distribution (vLLM's default logprobs_mode, raw_logprobs).
+                logprobs=0,
             )
-            for prompt in prompts
+            for prompt in inputs
+        ]
+        engine_inputs: list[PromptType] = [
+            TokensPrompt(prompt_token_ids=list(p.token_ids)) if p.token_ids else p.text
+            for p in inputs
         ]
         try:
-            outputs = self.llm.generate(list(prompts), sampling, use_tqdm=False, lora_request=lora)
+            outputs = self.llm.generate(engine_inputs, sampling, use_tqdm=False, lora_request=lora)
         except VLLMEngineDeadError as err:
             raise self.death_error() from err
         results = [
             [
-                Completion(o.text, len(o.token_ids), o.finish_reason)
+                _completion(o, tuple(out.prompt_token_ids or ()))
                 for o in sorted(out.outputs, key=lambda o: o.index)
             ]
             for out in outputs
@@ -124,7 +139,7 @@ class VLLMGenerator:
 
     def remove_adapter(self, version: int) -> bool:
         """Free an old version's memory now instead of waiting for LRU eviction."""
-        self._added.discard(version)
+        self._added.pop(version, None)
         return bool(self.llm.llm_engine.remove_lora(version))
 
     def close(self) -> None:
@@ -142,11 +157,19 @@ class VLLMGenerator:
             )
         return LoRARequest(adapter.name, adapter.version, str(adapter.path))
 
-    def _add(self, lora: LoRARequest) -> float:
+    def _add(self, lora: LoRARequest, sha256: str) -> float:
         """Load a version on first sight, so a bad folder fails here with its path and the
-        load time is measured apart from sampling. Returns the seconds it took."""
-        if lora.lora_int_id in self._added:
+        load time is measured apart from sampling. Returns the seconds it took.
+
+        vLLM caches a LoRA by its id (the version number): a version number seen before
+        with another folder or checksum (a new adapter store, a test's fresh run) replaces
+        the cached weights instead of serving the old ones under the new name."""
+        identity = (lora.lora_path, sha256)
+        known = self._added.get(lora.lora_int_id)
+        if known == identity:
             return 0.0
+        if known is not None:
+            self.remove_adapter(lora.lora_int_id)
         started = time.perf_counter()
         try:
             self.llm.llm_engine.add_lora(lora)
@@ -156,5 +179,27 @@ class VLLMGenerator:
             raise AdapterError(
                 f"vLLM could not load adapter {lora.lora_name} from {lora.lora_path}: {exc}"
             ) from exc
-        self._added.add(lora.lora_int_id)
+        self._added[lora.lora_int_id] = identity
         return time.perf_counter() - started
+
+
+def _completion(output: CompletionOutput, prompt_ids: tuple[int, ...]) -> Completion:
+    """One vLLM output as a Completion with its ids and each sampled token's log-prob."""
+    ids = tuple(output.token_ids)
+    logprobs = None
+    if output.logprobs is not None and len(output.logprobs) == len(ids):
+        steps = [
+            (position or {}).get(token)
+            for position, token in zip(output.logprobs, ids, strict=True)
+        ]
+        values = [step.logprob for step in steps if step is not None]
+        if len(values) == len(ids) and all(math.isfinite(v) for v in values):
+            logprobs = tuple(float(v) for v in values)
+    return Completion(
+        output.text,
+        len(ids),
+        output.finish_reason,
+        token_ids=ids,
+        prompt_token_ids=prompt_ids,
+        logprobs=logprobs,
+    )

@@ -25,7 +25,9 @@ scores each kept sample with its own reward first and checks that score instead.
 A failed round (exception, non-finite loss, full disk) is counted and logged; its samples
 stay in the buffer, the next try waits with backoff, and the model is reloaded from the
 last good version, so generators keep serving that one. Memory is bounded by the buffer's
-capacity (the lowest reward is evicted).
+capacity (the lowest reward is evicted), and age by ``buffer.max_staleness``: a sample
+generated more adapter versions ago is refused on arrival and evicted when a new version is
+stored (counted, not dead-lettered).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, ConfigError, NonFiniteLossError, TrainingError
+from raft_stream.learning_health import LearningHealth
 from raft_stream.metrics import RaftMetrics
 from raft_stream.reasons import TRAINING_FAILED
 from raft_stream.rewards.registry import build_safe_reward
@@ -92,7 +95,9 @@ def failure_reason(err: BaseException) -> str:
     return "other"
 
 
-RoundWork = Callable[[list[Sample]], tuple[AdapterVersion, TrainResult]]
+RoundWork = Callable[[list[Sample]], tuple[AdapterVersion | None, TrainResult]]
+"""Trains on a streaming batch and stores the version; None when no sample could be
+trained on (each is in ``TrainResult.dropped`` with its reason)."""
 
 
 class _Round:
@@ -101,7 +106,7 @@ class _Round:
 
     def __init__(self, samples: list[Sample], work: RoundWork) -> None:
         self.samples = samples
-        self.outcome: tuple[AdapterVersion, TrainResult] | None = None
+        self.outcome: tuple[AdapterVersion | None, TrainResult] | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run, args=(work,), name="raft-stream-training", daemon=True
@@ -165,11 +170,16 @@ class TrainerRole:
             state_dir / BUFFER_FILE,
             reward_min=cfg.buffer.reward_min,
             reward_max=cfg.buffer.reward_max,
+            max_staleness=cfg.buffer.max_staleness,
+            version=stored.version if stored is not None else 0,
+            on_evict=metrics.count_buffer_eviction,
         )
         self.reward: SafeReward | None = (
             build_safe_reward(cfg.reward) if cfg.buffer.rescore else None
         )
         """The trainer's own reward (``buffer.rescore``); None trusts the samples' field."""
+        self.health = LearningHealth(cfg.training.stall_rounds)
+        """Loss and mean reward of the rounds: warns when learning stalls."""
         self.ready = False
         self.rounds = 0
         self.failures = 0
@@ -214,6 +224,8 @@ class TrainerRole:
             return
         try:
             latest = self._last_good_version()
+            # The version training resumes from: the saved samples' staleness counts from it.
+            self.buffer.set_version(latest.version if latest is not None else 0)
             if latest is not None:  # generators that missed it catch up
                 self.metrics.set_stored_version(latest.version, latest.created_at)
                 self._announce(clients, latest)
@@ -295,9 +307,9 @@ class TrainerRole:
             and self.buffer.batch_ready()
         ):
             served = self._versions_served()
-            self._round = _Round(
-                self.buffer.peek_batch(), lambda samples: self._train_and_store(samples, served)
-            )
+            batch = self.buffer.peek_batch()
+            self.metrics.observe_staleness(self.buffer.staleness(s) for s in batch)
+            self._round = _Round(batch, lambda samples: self._train_and_store(samples, served))
 
     def _versions_served(self) -> frozenset[int]:
         """Versions of the samples consumed within ``store.served_window_s``: generators
@@ -318,26 +330,46 @@ class TrainerRole:
             self._persist_and_commit(clients)
             return
         adapter, result = done.outcome
-        self.rounds += 1
         self._failed_batch = (frozenset(), 0)
         self._backoff.reset()
-        self.buffer.remove(done.samples)
+        # Samples it could not train on go to the dead-letter topic; should shutdown come
+        # first, they stay buffered (and are dropped again next time).
+        undelivered = (
+            {id(sample) for sample, _, _ in result.dropped}
+            if result.dropped and not self._dead_letter_samples(clients, list(result.dropped))
+            else set()
+        )
+        self.buffer.remove(s for s in done.samples if id(s) not in undelivered)
+        if adapter is None:  # nothing in the batch could be trained on: no new version
+            self._observe_buffer()
+            self._persist_and_commit(clients)
+            return
+        self.rounds += 1
+        self.metrics.count_training_samples(
+            sampled=result.samples - result.retokenized, retokenized=result.retokenized
+        )
         self.metrics.observe_training_round(
             steps=result.optimizer_steps,
             tokens=result.tokens,
             seconds=result.duration_s,
             loss=result.loss,
         )
+        trend = self.health.observe(result.loss, mean_reward(done.samples))
+        if trend is not None:
+            self.metrics.learning_stalled.set(float(trend.stalled))
         self.metrics.set_stored_version(adapter.version, adapter.created_at)
+        stale = self.buffer.set_version(adapter.version)
         log.info(
             "stored a new adapter version",
             extra={
                 "adapter_version": adapter.version,
                 "loss": result.loss,
                 "samples": len(done.samples),
+                "stale_evicted": len(stale),
                 "train_s": round(result.duration_s, 3),
             },
         )
+        self._observe_buffer()
         self._persist_and_commit(clients)
         self._announce(clients, adapter)
 
@@ -356,7 +388,7 @@ class TrainerRole:
     def _persist_and_commit(self, clients: StreamClients[Sample]) -> None:
         """Save the buffer, then commit everything consumed: every consumed sample is now
         trained into a stored version, waiting in the saved buffer, or deliberately gone
-        (rejected, or evicted for a lower reward)."""
+        (rejected, or evicted for a lower reward or for staleness)."""
         try:
             self.buffer.save()
         except OSError as err:
@@ -394,18 +426,20 @@ class TrainerRole:
 
     def _train_and_store(
         self, samples: list[Sample], served: frozenset[int]
-    ) -> tuple[AdapterVersion, TrainResult]:
+    ) -> tuple[AdapterVersion | None, TrainResult]:
         if self.training_cores is not None:
             pin_this_thread(self.training_cores)
         trainer = self._trainer or self._load_trainer()
         self._trainer = trainer
         result = trainer.train(samples)
+        if result.optimizer_steps == 0:
+            return None, result
         try:
             adapter = self.store.write(
                 trainer.save,
                 metrics={
                     "loss": result.loss,
-                    "samples": float(len(samples)),
+                    "samples": float(result.samples),
                     "reward_mean": mean_reward(samples),
                     "train_tokens_per_s": result.tokens_per_s,
                 },
@@ -445,26 +479,8 @@ class TrainerRole:
         """Dead-letter a batch that fails every round, drop it from the buffer, go on."""
         rounds = self.cfg.training.max_failed_rounds
         detail = f"{rounds} training rounds failed on its batch: {error_summary(err)}"
-        letters = [
-            DeadLetter(
-                reason=TRAINING_FAILED,
-                detail=detail,
-                topic=self.cfg.kafka.topics.samples,
-                partition=-1,
-                offset=-1,
-                timestamp_ms=-1,
-                value=dumps(encode_sample(s)),
-                key=s.prompt_id.encode(),
-            )
-            for s in samples
-        ]
-        if not until_delivered(
-            lambda timeout_s: clients.dead_letters.write(letters, timeout_s),
-            self.cfg.kafka.delivery_timeout_s,
-            self.shutdown,
-            self.beat,
-            "dead_letters",
-            self.metrics,
+        if not self._dead_letter_samples(
+            clients, [(sample, TRAINING_FAILED, detail) for sample in samples]
         ):
             return  # shutdown first: the batch stays buffered
         self.buffer.remove(samples)
@@ -472,6 +488,33 @@ class TrainerRole:
         self._backoff.reset()
         self._retry_at = 0.0
         self._observe_buffer()
+
+    def _dead_letter_samples(
+        self, clients: StreamClients[Sample], dead: list[tuple[Sample, str, str]]
+    ) -> bool:
+        """Send (sample, reason, detail) from the buffer to the dead-letter topic (partition
+        and offset -1: their records are committed already); False when shutdown came first."""
+        letters = [
+            DeadLetter(
+                reason=reason,
+                detail=detail,
+                topic=self.cfg.kafka.topics.samples,
+                partition=-1,
+                offset=-1,
+                timestamp_ms=-1,
+                value=dumps(encode_sample(sample)),
+                key=sample.prompt_id.encode(),
+            )
+            for sample, reason, detail in dead
+        ]
+        return until_delivered(
+            lambda timeout_s: clients.dead_letters.write(letters, timeout_s),
+            self.cfg.kafka.delivery_timeout_s,
+            self.shutdown,
+            self.beat,
+            "dead_letters",
+            self.metrics,
+        )
 
     def _load_trainer(self) -> LoRATrainer:
         """The model with the last good version's adapter and optimizer state (or fresh)."""

@@ -22,7 +22,7 @@ keep what the service writes within ``kafka.max_message_bytes``.
 
 Example:
     >>> decode_prompt(b'{"id": "p1", "prompt": "Hi", "sampling": {"k": 4}}', 1_000_000)
-    PromptRecord(id='p1', prompt='Hi', text='Hi', metadata={}, sampling={'k': 4})
+    PromptRecord(id='p1', prompt='Hi', text='Hi', metadata={}, sampling={'k': 4}, token_ids=())
 """
 
 from __future__ import annotations
@@ -345,11 +345,15 @@ def encode_prompt(record: PromptRecord) -> dict[str, Any]:
 def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, Any]:
     """A sample as a JSON object for the samples topic and the trainer's buffer file.
 
-    ``prompt_text`` (the templated prompt the model saw) travels too, so the trainer
-    trains on exactly that. A non-finite reward is sent as null: JSON has no NaN.
+    ``prompt_text`` (the templated prompt the model saw) travels too, and, from engines
+    that expose them, the token ids the engine saw and sampled and the sampled tokens'
+    log-probs, so the trainer trains on exactly those. ``tokens`` says which:
+    ``"sampled"`` (ids included) or ``"text"`` (a black-box generator: the trainer
+    tokenizes the text again); readers derive it from the ids, so it cannot disagree.
+    A non-finite reward is sent as null: JSON has no NaN.
     """
     reward = sample.reward if sample.reward is not None and math.isfinite(sample.reward) else None
-    return {
+    message: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "prompt_id": sample.prompt_id,
         "prompt": sample.prompt,
@@ -362,14 +366,65 @@ def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, 
         "reject_reason": sample.reject_reason,
         "finish_reason": sample.finish_reason,
         "created_at": time.time() if created_at is None else created_at,
+        "tokens": "sampled" if sample.token_faithful else "text",
     }
+    if sample.token_faithful:
+        message["prompt_token_ids"] = list(sample.prompt_token_ids)
+        message["response_token_ids"] = list(sample.response_token_ids)
+        if sample.response_logprobs is not None:
+            # A log-prob is <= 0; float rounding can leave +1e-7 on a near-certain token.
+            message["response_logprobs"] = [min(lp, 0.0) for lp in sample.response_logprobs]
+    return message
+
+
+def _token_ids(obj: dict[str, Any], name: str) -> tuple[int, ...]:
+    """A list of token ids (non-negative 32-bit integers); () when absent."""
+    value = obj.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+        _KINDS["int"](token) and 0 <= token < 2**31 for token in value
+    ):
+        raise MessageError(
+            "bad_field_type", f"{name} must be a list of token ids (integers >= 0 and < 2**31)"
+        )
+    return tuple(value)
+
+
+def _logprobs(obj: dict[str, Any], response_ids: tuple[int, ...]) -> tuple[float, ...] | None:
+    """One log-probability (a number <= 0) per response token id; None when absent."""
+    value = obj.get("response_logprobs")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != len(response_ids)
+        or not all(_KINDS["number"](lp) and lp <= 0 for lp in value)
+    ):
+        raise MessageError(
+            "bad_field_type",
+            f"response_logprobs must be a list of {len(response_ids)} numbers <= 0, one per "
+            "response_token_ids",
+        )
+    return tuple(float(lp) for lp in value)
 
 
 def decode_sample(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Sample:
-    """Decode a samples-topic message or a buffer-file row, or raise MessageError."""
+    """Decode a samples-topic message or a buffer-file row, or raise MessageError.
+
+    Token ids come in pairs: ``prompt_token_ids`` and ``response_token_ids`` both, or
+    neither (a text-only sample); ``response_logprobs`` only with them, one per id.
+    """
     obj = _load_object(value, max_bytes)
     prompt = _field(obj, "prompt", "str")
     reward = _field(obj, "reward", "number", required=False)
+    prompt_ids = _token_ids(obj, "prompt_token_ids")
+    response_ids = _token_ids(obj, "response_token_ids")
+    if bool(prompt_ids) != bool(response_ids):
+        raise MessageError(
+            "bad_field_type",
+            "prompt_token_ids and response_token_ids must be sent together (or neither)",
+        )
     return Sample(
         prompt_id=_field(obj, "prompt_id", "str"),
         prompt=prompt,
@@ -381,6 +436,9 @@ def decode_sample(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Sample:
         reject_reason=_field(obj, "reject_reason", "str", required=False),
         rank=_field(obj, "rank", "int", required=False),
         finish_reason=_field(obj, "finish_reason", "str", required=False),
+        prompt_token_ids=prompt_ids,
+        response_token_ids=response_ids,
+        response_logprobs=_logprobs(obj, response_ids) if response_ids else None,
     )
 
 

@@ -1,8 +1,24 @@
 """LoRA supervised fine-tuning on kept samples (RAFT's step 5).
 
-The loss is plain next-token cross-entropy on the response tokens only: prompt tokens are
-masked out (LMFlow's RAFT trains on the prompt too). One adapter is trained on across every
-streaming batch, and the AdamW state is saved next to it so a restart continues, not restarts.
+Token-faithful: a sample that carries the engine's token ids (``Sample.token_faithful``)
+is trained on exactly those ids: the prompt as the engine saw it and the response as it
+was sampled, stop token included. Only a sample from a black-box generator is tokenized
+again from its text (``TrainResult.retokenized`` counts them). A sample longer than
+``training.max_length`` is dropped whole with a reason, never cut.
+
+The loss (``training.loss_type``) is on the response tokens only: prompt tokens are masked
+out (LMFlow's RAFT trains on the prompt too).
+
+- ``sft``: next-token cross-entropy, RAFT's plain supervised step.
+- ``clipped_is``: RAFT++ (Xiong et al. 2025, "A Minimalist Approach to LLM Reasoning: from
+  Rejection Sampling to Reinforce", arXiv:2504.11343): each response token's loss is
+  weighted by the importance ratio r = pi_theta(y_t) / pi_sample(y_t) of the current policy
+  over the one that sampled it, clipped as in PPO with advantage 1:
+  ``-min(r, clip(r, 1 - eps, 1 + eps))`` per token, averaged over response tokens. Tokens
+  without a sampling log-prob (a black-box generator) get r = 1, i.e. plain SFT.
+
+One adapter is trained on across every streaming batch, and the AdamW state is saved next
+to it so a restart continues, not restarts.
 """
 
 from __future__ import annotations
@@ -23,6 +39,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from raft_stream.config import TrainingConfig
 from raft_stream.errors import ConfigError, NonFiniteLossError, TrainingError
+from raft_stream.prompting import prompt_token_ids
+from raft_stream.reasons import TOO_LONG_TO_TRAIN, UNTRAINABLE
 from raft_stream.training.store import TRAINER_STATE
 from raft_stream.types import AdapterVersion, Sample
 
@@ -36,9 +54,20 @@ class TrainResult:
     """What one training round did."""
 
     loss: float
+    """Mean negative log-likelihood of the response tokens trained on (nats per token),
+    whatever ``training.loss_type`` optimised; NaN when nothing was trained."""
     optimizer_steps: int
     tokens: int
     duration_s: float
+    samples: int = 0
+    """Samples trained on."""
+    retokenized: int = 0
+    """Of those, samples without the engine's token ids, tokenized again from text."""
+    dropped: tuple[tuple[Sample, str, str], ...] = ()
+    """(sample, reason, detail) of each sample not trained on; reason is
+    ``too_long_to_train`` or ``untrainable`` (raft_stream.reasons)."""
+    clip_fraction: float = 0.0
+    """``clipped_is``: share of response tokens whose importance ratio was clipped."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -58,24 +87,79 @@ def resolve_device_and_dtype(cfg: TrainingConfig) -> tuple[torch.device, torch.d
     return device, dtype
 
 
-def encode_sample(
-    tokenizer: PreTrainedTokenizerBase, sample: Sample, max_length: int
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one sample; labels mask the prompt with IGNORE_INDEX.
+class UntrainableSampleError(TrainingError):
+    """A sample the trainer cannot learn from as it is; ``reason`` is a dead-letter code."""
 
-    The prompt is tokenized as the generator tokenized it (special tokens included); the
-    response gets EOS only when the model ended it itself. Over-long samples lose prompt
-    tokens from the left, so the response is always learned whole where it fits.
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One sample as the model is trained on it (all lists of one length).
+
+    ``labels`` hold the response ids and IGNORE_INDEX on the prompt; ``old_logprobs`` the
+    sampling log-prob of each response token (0.0 elsewhere) when ``has_old`` is set.
     """
-    prompt_ids = tokenizer(sample.prompt_text).input_ids
-    response_ids = tokenizer(sample.response, add_special_tokens=False).input_ids
-    if sample.finish_reason == "stop" and tokenizer.eos_token_id is not None:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
-    response_ids = response_ids[:max_length]
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(response_ids) - max_length) :]
-    input_ids = prompt_ids + response_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
-    return input_ids, labels
+
+    input_ids: list[int]
+    labels: list[int]
+    old_logprobs: list[float]
+    has_old: bool
+    retokenized: bool
+
+
+def training_example(
+    tokenizer: PreTrainedTokenizerBase, sample: Sample, max_length: int, vocab_size: int
+) -> TrainingExample:
+    """The ids, labels and sampling log-probs to train on for one sample.
+
+    A ``token_faithful`` sample gives its own ids, untouched. Otherwise the prompt text is
+    tokenized as the generator would (``prompt_token_ids``: exactly one BOS) and the
+    response text after it, with EOS only when the model ended the response itself.
+    Raises UntrainableSampleError: ``too_long_to_train`` when prompt and response exceed
+    ``max_length`` tokens (nothing is cut), ``untrainable`` when there is no response
+    token or an id is outside ``0..vocab_size - 1``.
+    """
+    if sample.token_faithful:
+        prompt_ids = list(sample.prompt_token_ids)
+        response_ids = list(sample.response_token_ids)
+        logprobs = sample.response_logprobs
+    else:
+        prompt_ids = list(prompt_token_ids(tokenizer, sample.prompt_text))
+        response_ids = tokenizer(sample.response, add_special_tokens=False).input_ids
+        if sample.finish_reason == "stop" and tokenizer.eos_token_id is not None:
+            response_ids = [*response_ids, tokenizer.eos_token_id]
+        logprobs = None
+    if not response_ids:
+        raise UntrainableSampleError(UNTRAINABLE, "the sample has no response tokens")
+    length = len(prompt_ids) + len(response_ids)
+    if length > max_length:
+        raise UntrainableSampleError(
+            TOO_LONG_TO_TRAIN,
+            f"{len(prompt_ids)} prompt + {len(response_ids)} response tokens > "
+            f"training.max_length ({max_length}); raise it (unset, it follows the model's "
+            "context) or lower generation.sampling.max_new_tokens",
+        )
+    outside = next((t for t in (*prompt_ids, *response_ids) if not 0 <= t < vocab_size), None)
+    if outside is not None:
+        raise UntrainableSampleError(
+            UNTRAINABLE, f"token id {outside} is outside the model's vocabulary ({vocab_size})"
+        )
+    return TrainingExample(
+        input_ids=prompt_ids + response_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        old_logprobs=[0.0] * len(prompt_ids) + list(logprobs or [0.0] * len(response_ids)),
+        has_old=logprobs is not None,
+        retokenized=not sample.token_faithful,
+    )
+
+
+def model_context(config: Any, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The model's context length in tokens: its config's ``max_position_embeddings`` (as
+    vLLM reads it), else the tokenizer's ``model_max_length``."""
+    return int(getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length)
 
 
 def check_adapter_shape(adapter: AdapterVersion, cfg: TrainingConfig) -> None:
@@ -146,6 +230,18 @@ class LoRATrainer:
             )
             self.model = get_peft_model(base, lora)
         self.model.to(self.device)
+        context = model_context(base.config, self.tokenizer)
+        self.max_length = cfg.max_length or context
+        """Longest sample trained on, in tokens: ``training.max_length``, or the context."""
+        if self.max_length < context:
+            logger.warning(
+                "training.max_length (%d) is below the model's context (%d): longer samples "
+                "are dropped (too_long_to_train), never cut",
+                self.max_length,
+                context,
+            )
+        embeddings: Any = base.get_input_embeddings()
+        self.vocab_size = int(embeddings.num_embeddings)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=cfg.learning_rate,
@@ -156,52 +252,95 @@ class LoRATrainer:
         if resume_from is not None:
             self._load_state(resume_from.path / TRAINER_STATE)
 
-    def _collate(self, encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, (ids, lab) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            attention[row, : len(ids)] = 1
+    def _collate(self, examples: Sequence[TrainingExample]) -> dict[str, torch.Tensor]:
+        width = max(len(e.input_ids) for e in examples)
+        shape = (len(examples), width)
+        input_ids = torch.full(shape, self.tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros(shape, dtype=torch.long)
+        old_logprobs = torch.zeros(shape, dtype=torch.float32)
+        has_old = torch.zeros(shape, dtype=torch.bool)
+        for row, example in enumerate(examples):
+            n = len(example.input_ids)
+            input_ids[row, :n] = torch.tensor(example.input_ids)
+            labels[row, :n] = torch.tensor(example.labels)
+            attention[row, :n] = 1
+            old_logprobs[row, :n] = torch.tensor(example.old_logprobs)
+            has_old[row, :n] = example.has_old
         return {
             "input_ids": input_ids.to(self.device),
             "labels": labels.to(self.device),
             "attention_mask": attention.to(self.device),
+            "old_logprobs": old_logprobs.to(self.device),
+            "has_old": has_old.to(self.device),
         }
 
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(loss to optimise, mean NLL of the response tokens, tokens clipped) of a batch."""
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        n_targets = mask.sum().clamp(min=1)
+        # log pi_theta(y_t) of each target token; 0 where masked (ignore_index).
+        logprobs = -torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        nll = -logprobs.sum() / n_targets
+        if self.cfg.loss_type == "sft":
+            return nll, nll.detach(), 0
+        eps = self.cfg.clip_epsilon
+        has_old = batch["has_old"][:, 1:] & mask
+        old = torch.where(has_old, batch["old_logprobs"][:, 1:], logprobs.detach())
+        ratio = torch.exp(logprobs - old)
+        objective = torch.minimum(ratio, ratio.clamp(1 - eps, 1 + eps))
+        clipped = int((ratio > 1 + eps)[has_old].sum())  # no gradient beyond 1 + eps
+        return -(objective * mask).sum() / n_targets, nll.detach(), clipped
+
     def train(self, samples: Sequence[Sample]) -> TrainResult:
-        """Run ``cfg.epochs`` passes over the samples; returns the mean response-token loss."""
+        """Run ``cfg.epochs`` passes over the samples it can learn from; the others are
+        returned in ``TrainResult.dropped`` with their reason. Nothing to learn from gives
+        a result with no optimizer step (and NaN loss): there is no new adapter to store."""
         if not samples:
             raise TrainingError("cannot train on an empty batch")
         cfg = self.cfg
-        encoded = [encode_sample(self.tokenizer, s, cfg.max_length) for s in samples]
-        encoded = [e for e in encoded if any(label != IGNORE_INDEX for label in e[1])]
-        if not encoded:
-            raise TrainingError("every sample in the batch has an empty response")
+        examples: list[TrainingExample] = []
+        dropped: list[tuple[Sample, str, str]] = []
+        for sample in samples:
+            try:
+                examples.append(
+                    training_example(self.tokenizer, sample, self.max_length, self.vocab_size)
+                )
+            except UntrainableSampleError as err:
+                dropped.append((sample, err.reason, str(err)))
+        if dropped:
+            logger.warning(
+                "%d of %d samples not trained on: %s", len(dropped), len(samples), dropped[0][2]
+            )
+        if not examples:
+            return TrainResult(float("nan"), 0, 0, 0.0, dropped=tuple(dropped))
         order_rng = random.Random(cfg.seed * 1_000_003 + self.rounds)
         self.model.train()
         started = time.perf_counter()
-        loss_sum, loss_tokens, tokens, steps = 0.0, 0, 0, 0
+        loss_sum, loss_tokens, tokens, steps, clipped = 0.0, 0, 0, 0, 0
         micro_in_step = 0
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(cfg.epochs):
-            order = list(range(len(encoded)))
+            order = list(range(len(examples)))
             order_rng.shuffle(order)
             for start in range(0, len(order), cfg.batch_size):
-                batch = self._collate([encoded[i] for i in order[start : start + cfg.batch_size]])
+                batch = self._collate([examples[i] for i in order[start : start + cfg.batch_size]])
                 n_targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                output = self.model(**batch)
-                loss = output.loss
+                loss, nll, clipped_now = self._losses(batch)
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
                         f"loss became {loss.item()}; lower training.learning_rate"
                     )
                 (loss / cfg.grad_accumulation).backward()
-                loss_sum += loss.item() * n_targets
+                loss_sum += nll.item() * n_targets
                 loss_tokens += n_targets
+                clipped += clipped_now
                 tokens += int(batch["attention_mask"].sum())
                 micro_in_step += 1
                 if micro_in_step == cfg.grad_accumulation:
@@ -227,7 +366,27 @@ class LoRATrainer:
             optimizer_steps=steps,
             tokens=tokens,
             duration_s=duration,
+            samples=len(examples),
+            retokenized=sum(e.retokenized for e in examples),
+            dropped=tuple(dropped),
+            clip_fraction=clipped / max(loss_tokens, 1),
         )
+
+    @torch.no_grad()
+    def logprobs(self, samples: Sequence[Sample]) -> list[list[float]]:
+        """Log-probability of each response token under the current policy (adapter
+        included; natural log, raw distribution), one list per sample: what the engine
+        reports as the sampling log-probs when it serves this very adapter."""
+        self.model.eval()
+        out = []
+        for sample in samples:
+            example = training_example(self.tokenizer, sample, self.max_length, self.vocab_size)
+            batch = self._collate([example])
+            logits = self.model(input_ids=batch["input_ids"]).logits[0, :-1].float()
+            targets = batch["labels"][0, 1:]
+            picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+            out.append(picked.squeeze(-1)[targets != IGNORE_INDEX].tolist())
+        return out
 
     def _step(self) -> None:
         torch.nn.utils.clip_grad_norm_(

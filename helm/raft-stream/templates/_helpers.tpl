@@ -200,7 +200,7 @@ tests/test_deploy_chart.py loads it with raft_stream.config.load_config for ever
     "epochs" (int $v.training.epochs)
     "batch_size" (int $v.training.batchSize)
     "grad_accumulation" (int $v.training.gradAccumulation)
-    "max_length" (int $v.training.maxLength)
+    "max_length" $v.training.maxLength
     "device" $v.training.device
     "dtype" $v.training.dtype)
   "store" $store

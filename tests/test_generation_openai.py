@@ -184,9 +184,14 @@ def _sampled_alone(
     server: CompletionsServer, prompts: list[str], params: SamplingParams
 ) -> list[list[Completion]]:
     """What the server samples for each prompt sent alone with its prompt seed (what the
-    client does with seeded params)."""
+    client does with seeded params), as the API answers it: text only, no token ids."""
     return [
-        server.generator.generate([p], replace(params, seed=prompt_seed(params.seed, p)))[0]
+        [
+            Completion(c.text, c.num_tokens, c.finish_reason)
+            for c in server.generator.generate(
+                [p], replace(params, seed=prompt_seed(params.seed, p))
+            )[0]
+        ]
         for p in prompts
     ]
 

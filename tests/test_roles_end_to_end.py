@@ -11,6 +11,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import shutil
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from prometheus_client import CollectorRegistry
+from safetensors.torch import load_file, save_file
 
 from raft_stream.config import KafkaConfig, RaftConfig, TopicsConfig
 from raft_stream.data.tiny_model import tiny_prompts
@@ -372,42 +374,67 @@ def test_a_batch_longer_than_max_poll_interval_is_published_and_committed_once(
     assert Counter(s.prompt_id for s in samples.items) == dict.fromkeys(ids, 2)
 
 
+POISON_TOKEN = 599
+"""The tiny model's last vocabulary id: ``model_with_a_broken_token`` breaks its embedding."""
+
+
+def model_with_a_broken_token(model_dir: Path, out: Path) -> Path:
+    """A copy of the tiny model whose input embedding of POISON_TOKEN is NaN: a sample that
+    holds it gets a NaN loss in every round, the others train as usual."""
+    shutil.copytree(model_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    weights["model.embed_tokens.weight"][POISON_TOKEN] = math.nan
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
 def test_a_batch_that_fails_every_training_round_is_dead_lettered_and_training_moves_on(
     kafka_config: MakeConfig, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    # Issue 8: a batch no round can train on (here: responses with no tokens) was retried
-    # forever, and while it failed nothing was committed and the buffer was not saved.
+    # Issue 8: a batch no round can train on (here: samples whose sampled ids hold a token
+    # the model turns into NaN) was retried forever, and while it failed nothing was
+    # committed and the buffer was not saved.
+    model_dir = model_with_a_broken_token(tiny_model_dir, tmp_path / "model")
     cfg = role_config(
         kafka_config(partitions=1),
         tmp_path / "state",
-        tiny_model_dir,
+        model_dir,
         **{"buffer.batch_size": 4, "training.max_failed_rounds": 2},
     )
     topics = cfg.kafka.topics
     ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
 
-    def sample(ident: str, response: str, reward: float) -> bytes:
-        tokens = len(response.split())
-        made = Sample(ident, "the movie was", "the movie was", response, tokens, 0, reward=reward)
+    def sample(ident: str, response_ids: tuple[int, ...], reward: float) -> bytes:
+        made = Sample(
+            ident,
+            "the movie was",
+            "the movie was",
+            "great fun to watch",
+            len(response_ids),
+            0,
+            reward=reward,
+            prompt_token_ids=(0, 309, 317, 263),
+            response_token_ids=response_ids,
+        )
         return dumps(encode_sample(made))
 
-    empty = {f"empty-{i}": sample(f"empty-{i}", "", 0.9) for i in range(4)}
-    good = [sample(f"good-{i}", "great fun to watch", 0.5) for i in range(4)]
+    broken = {f"broken-{i}": sample(f"broken-{i}", (400, POISON_TOKEN, 1), 0.9) for i in range(4)}
+    good = [sample(f"good-{i}", (400, 16, 1), 0.5) for i in range(4)]
     metrics = RaftMetrics(CollectorRegistry())
     shutdown = Shutdown(cfg.daemon.grace_period_s)
-    trainer = TrainerRole(cfg, str(tiny_model_dir), metrics, shutdown)
+    trainer = TrainerRole(cfg, str(model_dir), metrics, shutdown)
     thread = RoleThread(trainer.run, shutdown, "test-trainer")
     letters = dead_letter_reader(cfg.kafka)
     try:
-        produce_raw(cfg.kafka, list(empty.values()), topic=topics.samples)
+        produce_raw(cfg.kafka, list(broken.values()), topic=topics.samples)
         got = letters.read_until(lambda d: len(d) >= 4, 120, "the failed batch's dead letters")
         assert {d.reason for d in got} == {"training_failed"}
-        sent = {i: decode_sample(v, 10**6) for i, v in empty.items()}
+        sent = {i: decode_sample(v, 10**6) for i, v in broken.items()}
         assert {i: decode_sample(d.value or b"", 10**6) for i, d in _by_id(got).items()} == sent
         assert "2 training rounds failed" in got[0].detail
         assert all(d.topic == topics.samples and d.offset == -1 for d in got)
         failed = metrics.registry.get_sample_value(
-            "raft_stream_training_failures_total", {"reason": "other"}
+            "raft_stream_training_failures_total", {"reason": "nonfinite_loss"}
         )
         assert failed == 2
         # Each failed round saved the buffer and committed what it had consumed.
@@ -415,6 +442,42 @@ def test_a_batch_that_fails_every_training_round_is_dead_lettered_and_training_m
 
         produce_raw(cfg.kafka, good, topic=topics.samples)
         wait_for(lambda: trainer.store.versions() == [1], 120, "a version trained on the rest")
+        assert thread.alive()
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+        letters.close()
+
+
+def test_a_sample_with_nothing_to_learn_is_dead_lettered_untrainable_and_committed(
+    kafka_config: MakeConfig, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A kept sample with no response token (or an id outside the vocabulary) is not a
+    # training failure: it is dead-lettered at once with its reason, and no version is made.
+    cfg = role_config(
+        kafka_config(partitions=1), tmp_path / "state", tiny_model_dir, **{"buffer.batch_size": 4}
+    )
+    topics = cfg.kafka.topics
+    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
+    empty = [
+        dumps(encode_sample(Sample(f"e{i}", "the movie was", "the movie was", "", 0, 0, reward=1)))
+        for i in range(4)
+    ]
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    trainer = TrainerRole(cfg, str(tiny_model_dir), RaftMetrics(CollectorRegistry()), shutdown)
+    thread = RoleThread(trainer.run, shutdown, "test-trainer")
+    letters = dead_letter_reader(cfg.kafka)
+    try:
+        produce_raw(cfg.kafka, empty, topic=topics.samples)
+        got = letters.read_until(lambda d: len(d) >= 4, 120, "four dead letters")
+        assert {(d.reason, d.detail) for d in got} == {
+            ("untrainable", "the sample has no response tokens")
+        }
+        wait_for(
+            lambda: sum(committed_offsets(cfg.kafka, cfg.kafka.trainer_group).values()) == 4,
+            30,
+            "the four committed",
+        )
+        assert trainer.store.versions() == [] and len(trainer.buffer) == 0
         assert thread.alive()
     finally:
         thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)

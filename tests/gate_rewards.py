@@ -11,5 +11,3 @@ def repeats_one_word(text: str) -> float:
     into repetition (the count of the response's most frequent word)."""
     words = re.findall(r"[a-z']+", text.lower())
     return float(max(Counter(words).values())) if words else 0.0
-
-

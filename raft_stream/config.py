@@ -443,6 +443,33 @@ class AdaptersConfig(_Section):
     (``bad_signature``). None: announcements are neither signed nor checked."""
 
 
+class GateConfig(_Section):
+    canary_prompts: Path | None = None
+    """JSONL file of held-out canary prompts ({"id", "prompt"} per line; keep them out of
+    the training prompts). Each new adapter version is sampled on them and judged before
+    any generator serves it. None: no gate, every stored version is served."""
+
+    samples_per_prompt: int = Field(4, ge=1, le=64)
+    """Responses sampled per canary prompt and version."""
+
+    seed: int = 4321
+    """Sampling seed of the canary runs: the same for every version, so the candidate and
+    the version it is compared with answer the same prompts with the same random streams."""
+
+    reward_margin: float = Field(0.05, ge=0.0, allow_inf_nan=False)
+    """Promote only when the candidate's mean canary reward is at least the promoted
+    version's minus this (in the reward's units)."""
+
+    min_distinct2_ratio: float = Field(0.7, ge=0.0, le=1.0)
+    """Promote only when the candidate's canary distinct-2 is at least this share of the
+    base model's (a reward hack that repeats itself fails here); 0 turns it off."""
+
+    max_kl: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    """Promote only when the candidate's KL divergence from the base model on its canary
+    responses is at most this, in nats per response token (estimated as the mean of
+    log pi_candidate - log pi_base over the sampled tokens). None: no bound."""
+
+
 class OfflineConfig(_Section):
     prompts: Path | None = None
     """JSONL file of training prompts ({"id", "prompt"} per line)."""
@@ -624,6 +651,9 @@ class RaftConfig(BaseSettings):
 
     adapters: AdaptersConfig = AdaptersConfig()
     """Which announced adapter versions generators trust."""
+
+    gate: GateConfig = GateConfig()
+    """The promotion gate: canary evaluation of each new adapter version."""
 
     offline: OfflineConfig = OfflineConfig()
     """Offline RAFT over a fixed prompt set."""

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -38,6 +38,9 @@ from raft_stream import reasons as codes
 from raft_stream.generation.engine_process import ENGINE_DEATH_SIGNALS
 from raft_stream.roles.adapters import REFUSAL_REASONS
 from raft_stream.textstats import distinct_n
+
+if TYPE_CHECKING:
+    from raft_stream.gate import Verdict
 
 __all__ = [
     "ADAPTER_LOAD_FAILURE_REASONS",
@@ -70,6 +73,9 @@ TRAINING_FAILURE_REASONS = ("out_of_memory", "nonfinite_loss", "store_failed", "
 EVICTION_REASONS = codes.EVICTION_REASONS
 """``reason`` values of buffer_evicted_total (``stale``, ``capacity``): raft_stream.reasons'
 fixed set, with no ``other`` (only the buffer counts them)."""
+
+GATE_OUTCOMES = (("promoted", "none"), *(("rejected", c) for c in codes.GATE_CRITERIA))
+"""(verdict, criterion) label pairs of gate_verdicts_total."""
 
 ADAPTER_LOAD_FAILURE_REASONS = (*REFUSAL_REASONS, "other")
 """``reason`` values of adapter_load_failures_total."""
@@ -250,6 +256,34 @@ class RaftMetrics:
             **kw,
         )
 
+        # The promotion gate (raft_stream.gate).
+        self.gate_verdicts_total = Counter(
+            "gate_verdicts",
+            "Adapter versions the promotion gate judged, by verdict and, for a rejected one, "
+            "the first criterion it failed (none when promoted).",
+            ["verdict", "criterion"],
+            **kw,
+        )
+        self.canary_reward_mean = Gauge(
+            "canary_reward_mean",
+            "Mean reward on the canary prompts of the last candidate and of the promoted version.",
+            ["adapter"],
+            **kw,
+        )
+        self.canary_distinct2 = Gauge(
+            "canary_distinct2",
+            "Distinct-2 of the canary responses, per adapter slot.",
+            ["adapter"],
+            **kw,
+        )
+        self.canary_kl = Gauge(
+            "canary_kl",
+            "KL divergence from the base model on the canary responses, nats per token, per "
+            "adapter slot.",
+            ["adapter"],
+            **kw,
+        )
+
         # Adapters.
         self.adapter_version_served = Gauge(
             "adapter_version_served", "Adapter version that new requests use (0: base).", **kw
@@ -303,6 +337,8 @@ class RaftMetrics:
                 counter.labels(reason=reason)
         for signal in ENGINE_DEATH_SIGNALS:
             self.engine_deaths_total.labels(signal=signal)
+        for verdict, criterion in GATE_OUTCOMES:
+            self.gate_verdicts_total.labels(verdict=verdict, criterion=criterion)
         for source in ("sampled", "text"):
             self.training_samples_total.labels(tokens=source)
 
@@ -438,6 +474,19 @@ class RaftMetrics:
             self._recent.extend(responses)
             if self._recent:
                 self.generation_distinct2.set(distinct_n(self._recent, 2))
+
+    def observe_verdict(self, verdict: Verdict) -> None:
+        """The promotion gate judged a candidate: count it and show its canary figures
+        (and, when promoted, make them the promoted slot's)."""
+        self.gate_verdicts_total.labels(
+            verdict=verdict.name, criterion=verdict.criterion or "none"
+        ).inc()
+        slots = ("candidate", "promoted") if verdict.promoted else ("candidate",)
+        figures = verdict.candidate
+        for slot in slots:
+            self.canary_reward_mean.labels(adapter=slot).set(figures.reward_mean)
+            self.canary_distinct2.labels(adapter=slot).set(figures.distinct_2)
+            self.canary_kl.labels(adapter=slot).set(figures.kl)
 
     def count_training_samples(self, *, sampled: int, retokenized: int) -> None:
         """Samples a round trained on: with the engine's ids, and tokenized from text."""

@@ -19,6 +19,7 @@ from rich.table import Table
 from raft_stream.config import RaftConfig, SamplingConfig
 from raft_stream.data.models import resolve_model
 from raft_stream.data.prompts import read_prompts_jsonl
+from raft_stream.gate import CanaryFigures, build_judge
 from raft_stream.generation.base import Generator, SamplingParams, build_generator
 from raft_stream.learning_health import HeldOutGain, LearningHealth, held_out_gain
 from raft_stream.plotting import plot_learning_curve
@@ -55,6 +56,13 @@ class IterationMetrics:
     dropped_samples: int = 0
     """Kept samples not trained on (longer than ``training.max_length``, or untrainable)."""
     learning_stalled: bool | None = None
+    verdict: str = ""
+    """The promotion gate's verdict on this iteration's version (promoted: the next
+    iteration samples from it; rejected: from the last promoted one); empty without a gate."""
+    gate_criterion: str = ""
+    """What a rejected version failed (raft_stream.reasons.GATE_CRITERIA)."""
+    canary_reward_mean: float = float("nan")
+    canary_distinct_2: float = float("nan")
     """Loss not falling and reward not rising over the last ``training.stall_rounds``
     iterations (raft_stream.learning_health); None until there are that many."""
 
@@ -79,6 +87,8 @@ class OfflineReport:
     eval_after: EvalResult | None = None
     gain: HeldOutGain | None = None
     """The final adapter's held-out reward over the base model's, paired by prompt."""
+    canary_base: CanaryFigures | None = None
+    """The base model's canary figures, when the promotion gate ran."""
     wall_s: float = 0.0
     output_dir: Path = Path()
 
@@ -131,6 +141,12 @@ def _load_prompts(
     return [formatter.format(r) for r in records]
 
 
+def _promoted_figures(store: AdapterStore) -> CanaryFigures | None:
+    """The canary figures of the newest promoted version; None: the base model serves."""
+    promoted = store.latest()
+    return CanaryFigures.from_metrics(promoted.metrics) if promoted else None
+
+
 def write_metrics_csv(rows: list[IterationMetrics], path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(IterationMetrics.__dataclass_fields__))
@@ -156,7 +172,7 @@ def summary_table(report: OfflineReport) -> Table:
     for row in report.iterations:
         table.add_row(
             str(row.iteration),
-            f"v{row.adapter_version}",
+            f"v{row.adapter_version} {row.verdict}".rstrip(),
             f"{row.reward_mean:.3f}",
             f"{row.kept_reward_mean:.3f}",
             f"{row.kept_ratio:.2f}",
@@ -210,6 +226,7 @@ def run_offline(
     )
     store = AdapterStore(out / "adapters", base_model=model_path, keep_last=cfg.store.keep_last)
     trainer = LoRATrainer(model_path, cfg.training, trust_remote_code=cfg.model.trust_remote_code)
+    judge = build_judge(cfg, model_path, reward)
     report = OfflineReport(output_dir=out)
     health = LearningHealth(cfg.training.stall_rounds)
     adapter: AdapterVersion | None = None
@@ -265,12 +282,46 @@ def run_offline(
                 )
                 trend = health.observe(row.loss, row.reward_mean)
                 row.learning_stalled = trend.stalled if trend is not None else None
-                adapter = store.write(trainer.save, metrics={"loss": result.loss})
-                row.adapter_version = adapter.version
+                verdict = (
+                    judge.judge(trainer, _promoted_figures(store)) if judge is not None else None
+                )
+                stored = store.write(
+                    trainer.save,
+                    metrics={"loss": result.loss}
+                    | (verdict.candidate.as_metrics() if verdict else {}),
+                    verdict=verdict.name if verdict else None,
+                )
+                row.adapter_version = stored.version
+                if verdict is not None:
+                    row.verdict = verdict.name
+                    row.gate_criterion = verdict.criterion or ""
+                    row.canary_reward_mean = verdict.candidate.reward_mean
+                    row.canary_distinct_2 = verdict.candidate.distinct_2
+                    logger.log(
+                        logging.INFO if verdict.promoted else logging.WARNING,
+                        "iteration %d: v%d %s: %s",
+                        iteration,
+                        stored.version,
+                        verdict.name,
+                        verdict.detail,
+                    )
+                if verdict is None or verdict.promoted:
+                    adapter = stored
+                else:  # discard the round: train on from the promoted version's state
+                    trainer = LoRATrainer(
+                        model_path,
+                        cfg.training,
+                        resume_from=adapter,
+                        trust_remote_code=cfg.model.trust_remote_code,
+                    )
                 row.wall_s = time.perf_counter() - iteration_started
                 report.iterations.append(row)
-                status = f"reward {row.reward_mean:.3f} loss {row.loss:.3f} -> v{adapter.version}"
+                status = f"reward {row.reward_mean:.3f} loss {row.loss:.3f} -> v{stored.version}"
+                if row.verdict:
+                    status += f" {row.verdict}"
                 progress.update(task, advance=1, description=status)
+        if judge is not None:
+            report.canary_base = judge.base(trainer)
         if eval_prompts:
             report.eval_after = evaluate(eval_sampler, eval_prompts, adapter)
             console.print(f"held-out reward after:  {report.eval_after.reward_mean:.3f}")

@@ -14,6 +14,7 @@ __all__ = [
     "DEAD_LETTER_REASONS",
     "DECODE_REASONS",
     "EVICTION_REASONS",
+    "GATE_CRITERIA",
     "REJECT_REASONS",
     "REWARD_REASONS",
 ]
@@ -143,3 +144,10 @@ CAPACITY: Final = "capacity"
 EVICTION_REASONS: Final = (STALE, CAPACITY)
 """Every reason the top-k reward buffer (``raft_stream.buffer``) drops a valid sample for:
 the ``reason`` label values of ``raft_stream_buffer_evicted_total``."""
+
+# -- adapter versions the promotion gate rejects (raft_stream.gate) ---------------------------
+
+GATE_CRITERIA: Final = ("reward", "diversity", "kl")
+"""What a rejected adapter version failed on its canary prompts, in the order the gate
+checks: its reward fell below the promoted version's by more than the margin, its distinct-2
+below the configured share of the base model's, its KL from the base model above the bound."""

@@ -97,6 +97,9 @@ class AdapterVersion:
     metrics: dict[str, float] = field(default_factory=dict)
     lineage: str | None = None
     """Id of the store that wrote it (see ``training.store``); None for older versions."""
+    verdict: str | None = None
+    """The promotion gate's verdict (``raft_stream.gate``): ``promoted`` (generators serve
+    it) or ``rejected`` (stored, never served); None when no gate judged it."""
 
     @property
     def name(self) -> str:

@@ -77,6 +77,7 @@ VALID: dict[str, dict[str, Any]] = {
         "base_model": "demo",
         "metrics": {"loss": 1.5},
         "created_at": 1700000000.5,
+        "verdict": "promoted",
     },
     "dead_letter": {
         "reason": "not_json",

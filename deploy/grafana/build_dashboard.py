@@ -269,6 +269,38 @@ def build() -> dict[str, Any]:
         )
     )
 
+    board = board.with_row(dashboard.Row("Promotion gate"))
+    board = board.with_panel(
+        series(
+            "Gate verdicts",
+            "Adapter versions judged on the canary prompts per hour: promoted, or rejected "
+            "by the first criterion failed (reward, diversity, kl).",
+            "none",
+            query(
+                f"3600 * sum by (verdict, criterion) "
+                f"(rate(raft_stream_gate_verdicts_total{{{NS}}}[{RATE}]))",
+                "{{verdict}} {{criterion}}",
+            ),
+        )
+    )
+    board = board.with_panel(
+        series(
+            "Canary figures",
+            "Mean canary reward, distinct-2 and KL from the base model (nats/token) of the "
+            "last candidate and of the promoted version.",
+            "none",
+            query(
+                f"max by (adapter) (raft_stream_canary_reward_mean{{{NS}}})", "reward {{adapter}}"
+            ),
+            query(
+                f"max by (adapter) (raft_stream_canary_distinct2{{{NS}}})",
+                "distinct-2 {{adapter}}",
+                "B",
+            ),
+            query(f"max by (adapter) (raft_stream_canary_kl{{{NS}}})", "KL {{adapter}}", "C"),
+        )
+    )
+
     board = board.with_row(dashboard.Row("Adapters"))
     board = board.with_panel(
         series(

@@ -14,14 +14,21 @@ Example (the tiny model):
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
@@ -41,22 +48,38 @@ class TransformersGenerator:
         gen_cfg: GenerationConfig,
         device: str | None = None,
     ) -> None:
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size = gen_cfg.batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(
+        device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tokenizer = AutoTokenizer.from_pretrained(
             model_path, trust_remote_code=model_cfg.trust_remote_code
         )
+        dtype = torch.bfloat16 if device_.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=dtype,
+            device_map=device_,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+        self._adopt(model, tokenizer, gen_cfg.batch_size)
+
+    @classmethod
+    def wrapping(
+        cls, model: Any, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8
+    ) -> TransformersGenerator:
+        """A generator over a model already in memory (e.g. the trainer's peft model,
+        sampling through its active adapter); ``adapter`` must then be None."""
+        generator = cls.__new__(cls)
+        generator._adopt(model, copy.deepcopy(tokenizer), batch_size)
+        return generator
+
+    def _adopt(self, model: Any, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> None:
+        self.device = next(model.parameters()).device
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
         # Left padding keeps every prompt's last token at the end, where generation starts.
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            dtype=dtype,
-            device_map=self.device,
-            trust_remote_code=model_cfg.trust_remote_code,
-        ).eval()
+        self.model: PreTrainedModel = model.eval()
         # Wraps ``model`` once an adapter is loaded. peft injects the LoRA layers into
         # ``model`` in place, so generation always calls ``model`` and this only manages them.
         self.peft_model: PeftModel | None = None

@@ -236,10 +236,16 @@ class AdapterTrust:
         except (AdapterError, OSError, ValueError, KeyError, TypeError) as exc:
             message = f"{path}: no usable manifest: {exc}"
             raise AdapterFetchError(MANIFEST_MISMATCH, message) from None
-        claimed = (a.version, a.sha256, a.lineage, a.base_model)
-        recorded = (stored.version, stored.sha256, stored.lineage, stored.base_model)
+        claimed = (a.version, a.sha256, a.lineage, a.base_model, a.verdict)
+        recorded = (
+            stored.version,
+            stored.sha256,
+            stored.lineage,
+            stored.base_model,
+            stored.verdict,
+        )
         if claimed != recorded:
-            names = ("version", "sha256", "lineage", "base_model")
+            names = ("version", "sha256", "lineage", "base_model", "verdict")
             differ = [n for n, x, y in zip(names, claimed, recorded, strict=True) if x != y]
             raise AdapterFetchError(
                 MANIFEST_MISMATCH,
@@ -287,6 +293,7 @@ def _announcement(adapter: AdapterVersion, uri: str) -> AdapterAnnouncement:
         created_at=adapter.created_at,
         metrics=dict(adapter.metrics),
         lineage=adapter.lineage,
+        verdict=adapter.verdict,
     )
 
 

@@ -359,10 +359,17 @@ class GeneratorRole:
 
     def _serve_newest(self, announcements: list[AdapterAnnouncement]) -> None:
         """Switch to the newest of ``announcements`` (newest first) newer than the served
-        version that passes the checks; each refused one is counted once."""
+        version that the promotion gate did not reject and that passes the checks; each
+        refused one is counted once. (A forged verdict fails the manifest check.)"""
         for announcement in announcements:
             if announcement.version <= self.served_version:
                 return
+            if announcement.verdict == "rejected":
+                log.info(
+                    "not serving a version the promotion gate rejected",
+                    extra={"adapter_version": announcement.version},
+                )
+                continue
             if self._switch(announcement):
                 return
 

@@ -43,6 +43,7 @@ import torch
 from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, ConfigError, NonFiniteLossError, TrainingError
+from raft_stream.gate import CanaryFigures, Verdict, build_judge
 from raft_stream.learning_health import LearningHealth
 from raft_stream.metrics import RaftMetrics
 from raft_stream.reasons import TRAINING_FAILED
@@ -178,6 +179,12 @@ class TrainerRole:
             build_safe_reward(cfg.reward) if cfg.buffer.rescore else None
         )
         """The trainer's own reward (``buffer.rescore``); None trusts the samples' field."""
+        self.judge = (
+            build_judge(cfg, model_path, self.reward or build_safe_reward(cfg.reward))
+            if cfg.gate.canary_prompts is not None
+            else None
+        )
+        """The promotion gate (``gate.canary_prompts``); None stores every version promoted."""
         self.health = LearningHealth(cfg.training.stall_rounds)
         """Loss and mean reward of the rounds: warns when learning stalls."""
         self.ready = False
@@ -206,6 +213,10 @@ class TrainerRole:
             self._serve()
         finally:
             self.store.close()
+            if self.reward is not None:
+                self.reward.close()
+            if self.judge is not None and self.judge.reward is not self.reward:
+                self.judge.reward.close()
 
     def _serve(self) -> None:
         self._trainer = self._load_trainer()
@@ -434,6 +445,12 @@ class TrainerRole:
         result = trainer.train(samples)
         if result.optimizer_steps == 0:
             return None, result
+        verdict = None
+        if self.judge is not None:
+            promoted = self.store.latest()
+            verdict = self.judge.judge(
+                trainer, CanaryFigures.from_metrics(promoted.metrics) if promoted else None
+            )
         try:
             adapter = self.store.write(
                 trainer.save,
@@ -442,12 +459,35 @@ class TrainerRole:
                     "samples": float(result.samples),
                     "reward_mean": mean_reward(samples),
                     "train_tokens_per_s": result.tokens_per_s,
+                    **(verdict.candidate.as_metrics() if verdict else {}),
                 },
                 served=served,
+                verdict=verdict.name if verdict else None,
             )
         except Exception as err:  # OSError, or torch/safetensors wrapping one
             raise AdapterStoreFailure(f"storing the adapter failed: {err}") from err
+        if verdict is not None:
+            self._observe_verdict(adapter, verdict)
         return adapter, result
+
+    def _observe_verdict(self, adapter: AdapterVersion, verdict: Verdict) -> None:
+        """Count and log a verdict; a rejected round is discarded: the next one resumes
+        from the newest promoted version (``latest``), adapter and optimizer state."""
+        self.metrics.observe_verdict(verdict)
+        log.log(
+            logging.INFO if verdict.promoted else logging.WARNING,
+            "promotion gate: %s v%d",
+            verdict.name,
+            adapter.version,
+            extra={
+                "adapter_version": adapter.version,
+                "verdict": verdict.name,
+                "criterion": verdict.criterion,
+                "detail": verdict.detail,
+            },
+        )
+        if not verdict.promoted:
+            self._trainer = None
 
     def _fail(self, err: BaseException) -> None:
         reason = failure_reason(err)

@@ -66,6 +66,7 @@ __all__ = [
     "RECORD_OVERHEAD_BYTES",
     "REWARD_OUT_OF_BOUNDS",
     "SCHEMA_VERSION",
+    "VERDICTS",
     "AdapterAnnouncement",
     "DeadLetter",
     "check_output_size",
@@ -473,6 +474,12 @@ class AdapterAnnouncement:
     """Id of the adapter store (and so the trainer) that wrote the version."""
     signature: str | None = None
     """Hex HMAC-SHA256 of the other fields (``roles.adapters.signature_of``); None: unsigned."""
+    verdict: str | None = None
+    """The promotion gate's verdict, one of VERDICTS; None: no gate judged the version."""
+
+
+VERDICTS: Final = ("promoted", "rejected")
+"""An adapter version's promotion-gate verdict: served, or stored and never served."""
 
 
 def encode_adapter(
@@ -489,6 +496,7 @@ def encode_adapter(
         "created_at": adapter.created_at,
         "lineage": adapter.lineage,
         "signature": signature,
+        "verdict": adapter.verdict,
     }
 
 
@@ -501,6 +509,11 @@ def decode_adapter(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> AdapterA
             raise MessageError(
                 "bad_field_type", f"metrics.{name[:40]} must be number, got {show(metric)}"
             )
+    verdict = _field(obj, "verdict", "str", required=False)
+    if verdict is not None and verdict not in VERDICTS:
+        raise MessageError(
+            "bad_field_type", f"verdict must be one of {VERDICTS}, got {show(verdict)}"
+        )
     return AdapterAnnouncement(
         version=_field(obj, "version", "int"),
         sha256=_field(obj, "sha256", "str"),
@@ -510,6 +523,7 @@ def decode_adapter(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> AdapterA
         metrics={name: float(metric) for name, metric in metrics.items()},
         lineage=_field(obj, "lineage", "str", required=False),
         signature=_field(obj, "signature", "str", required=False),
+        verdict=verdict,
     )
 
 

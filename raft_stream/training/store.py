@@ -158,6 +158,7 @@ def read_version(folder: Path, verify: bool = False) -> AdapterVersion:
         created_at=float(manifest["created_at"]),
         metrics=manifest.get("metrics", {}),
         lineage=manifest.get("lineage"),
+        verdict=manifest.get("verdict"),
     )
     if verify:
         state_sha = manifest.get("trainer_state_sha256")
@@ -297,15 +298,24 @@ class AdapterStore:
             logger.warning("removed what a crash left in the adapter store: %s", removed)
 
     def _repair_latest(self) -> None:
-        """Point a missing, unreadable or dangling ``latest`` at the newest version."""
-        versions = self.versions()
-        if not versions or self._pointed() is not None:
+        """Point a missing, unreadable or dangling ``latest`` at the newest version the
+        promotion gate did not reject."""
+        newest = self._newest_servable()
+        if newest is None or self._pointed() is not None:
             return
         logger.warning(
             "the adapter store's latest pointer is missing or broken; repaired to %s",
-            version_dirname(versions[-1]),
+            version_dirname(newest.version),
         )
-        self.set_latest(versions[-1])
+        self.set_latest(newest.version)
+
+    def _newest_servable(self) -> AdapterVersion | None:
+        """The newest complete version not rejected by the promotion gate."""
+        for version in reversed(self.versions()):
+            adapter = self.get(version)
+            if adapter.verdict != "rejected":
+                return adapter
+        return None
 
     def _pointed(self) -> AdapterVersion | None:
         """The complete version ``latest`` names; None if it is missing or broken."""
@@ -331,14 +341,13 @@ class AdapterStore:
         return read_version(self.path_of(version), verify=verify)
 
     def latest(self) -> AdapterVersion | None:
-        """The version ``latest`` names (a rollback or the newest), or None before the
-        first. A broken pointer (a reader may see one the writer has not repaired yet)
-        reads as the newest complete version."""
+        """The version ``latest`` names (a rollback, or the newest the promotion gate did
+        not reject), or None before the first. A broken pointer (a reader may see one the
+        writer has not repaired yet) reads as the newest complete version not rejected."""
         pointed = self._pointed()
         if pointed is not None:
             return pointed
-        versions = self.versions()
-        return self.get(versions[-1]) if versions else None
+        return self._newest_servable()
 
     def set_latest(self, version: int) -> None:
         """Point ``latest`` at a complete version (used for rollback)."""
@@ -360,10 +369,15 @@ class AdapterStore:
         save: Callable[[Path], None],
         metrics: dict[str, float],
         served: Collection[int] = (),
+        verdict: str | None = None,
     ) -> AdapterVersion:
         """Store a new version: ``save(folder)`` writes the files; the store does the rest.
         Retention then prunes all but the ``keep_last`` newest, never the ``latest`` one, the
         pinned one or one in ``served`` (versions generators are seen serving).
+
+        ``verdict`` is the promotion gate's (recorded in the manifest): a ``rejected``
+        version is stored but ``latest`` stays on the version before it, so the trainer
+        resumes from the newest version that may be served.
 
         Raises whatever ``save`` or the disk raises (e.g. OSError on a full disk); the
         store is then unchanged apart from a temporary folder removed on the spot.
@@ -383,6 +397,7 @@ class AdapterStore:
                 "lineage": self.lineage,
                 "created_at": time.time(),
                 "metrics": metrics,
+                "verdict": verdict,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
             _fsync_tree(tmp)
@@ -391,7 +406,8 @@ class AdapterStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.set_latest(version)
+        if verdict != "rejected":
+            self.set_latest(version)
         self._prune(served)
         logger.info("stored adapter %s", version_dirname(version))
         return self.get(version)

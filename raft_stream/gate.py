@@ -1,0 +1,254 @@
+"""The promotion gate: no adapter version serves until it holds up on held-out canary
+prompts against the version serving now.
+
+Each new version (the candidate) is sampled on the canary prompts (``gate.canary_prompts``)
+in the trainer, from the model it was just trained into, with the seeds every version
+gets (``gate.seed``), and scored with the configured reward. Its figures:
+
+- mean reward, with the 95% Student-t interval over the per-prompt means;
+- distinct-2 of its responses, and their mean length in tokens;
+- its KL divergence from the base model on its own responses, in nats per response token:
+  the mean of log pi_candidate(y_t) - log pi_base(y_t) over the sampled tokens (the
+  Monte-Carlo "k1" estimate of KL(candidate || base), as TRL's PPO reports it).
+
+The verdict (``decide``): promoted when its reward is at least the promoted version's
+minus ``gate.reward_margin``, its distinct-2 at least ``gate.min_distinct2_ratio`` of the
+base model's, and its KL at most ``gate.max_kl``; otherwise rejected, naming the first
+criterion it failed. The promoted version's figures come from its manifest (the same
+prompts and seeds gave them), so one canary run per version suffices; the base model's are
+measured once per trainer start.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Final
+
+from raft_stream.config import GateConfig, RaftConfig, SamplingConfig
+from raft_stream.data.prompts import read_prompts_jsonl
+from raft_stream.errors import ConfigError
+from raft_stream.generation.base import EnginePrompt, SamplingParams
+from raft_stream.generation.hf_backend import TransformersGenerator
+from raft_stream.learning_health import t_critical_95
+from raft_stream.prompting import PromptFormatter
+from raft_stream.reasons import GATE_CRITERIA
+from raft_stream.rewards.safe import SafeReward
+from raft_stream.textstats import distinct_n
+from raft_stream.training.lora_trainer import LoRATrainer
+from raft_stream.types import PromptRecord, Sample
+
+__all__ = ["CRITERIA", "CanaryFigures", "CanaryJudge", "Verdict", "build_judge", "decide"]
+
+CRITERIA: Final = GATE_CRITERIA
+"""What a rejected version failed (a metric label), in the order they are checked."""
+
+_PREFIX: Final = "canary_"
+
+
+@dataclass(frozen=True)
+class CanaryFigures:
+    """One version's canary run."""
+
+    reward_mean: float
+    reward_ci95: float
+    """Half-width of the 95% Student-t interval of the mean over per-prompt means."""
+    distinct_2: float
+    mean_tokens: float
+    """Mean response length, in tokens."""
+    kl: float
+    """KL divergence from the base model, nats per response token (0 for the base)."""
+
+    def as_metrics(self) -> dict[str, float]:
+        """The finite figures as manifest and announcement metrics (``canary_reward_mean``
+        ...; JSON has no NaN or infinity)."""
+        return {
+            f"{_PREFIX}{name}": float(value)
+            for name, value in asdict(self).items()
+            if math.isfinite(value)
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, float]) -> CanaryFigures | None:
+        """The figures a version's metrics record; None when it was never judged."""
+        values = {name: metrics.get(f"{_PREFIX}{name}") for name in cls.__dataclass_fields__}
+        if values["reward_ci95"] is None:
+            values["reward_ci95"] = math.inf  # fewer than two canary prompts scored
+        if any(value is None for value in values.values()):
+            return None
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's decision on one candidate."""
+
+    promoted: bool
+    criterion: str | None
+    """The first of CRITERIA it failed; None when promoted."""
+    detail: str
+    candidate: CanaryFigures
+
+    @property
+    def name(self) -> str:
+        """``promoted`` or ``rejected``: the manifest's and the announcement's verdict."""
+        return "promoted" if self.promoted else "rejected"
+
+
+def decide(
+    candidate: CanaryFigures,
+    promoted: CanaryFigures,
+    base: CanaryFigures,
+    cfg: GateConfig,
+) -> Verdict:
+    """Promote ``candidate`` over the ``promoted`` version (the base model's figures before
+    the first promotion), or reject it naming the first criterion it fails."""
+    floor = promoted.reward_mean - cfg.reward_margin
+    diversity = cfg.min_distinct2_ratio * base.distinct_2
+    failures = [
+        (
+            "reward",
+            not candidate.reward_mean >= floor,
+            f"canary reward {candidate.reward_mean:.3f} < {floor:.3f} (the promoted "
+            f"version's {promoted.reward_mean:.3f} - gate.reward_margin {cfg.reward_margin})",
+        ),
+        (
+            "diversity",
+            not candidate.distinct_2 >= diversity,
+            f"canary distinct-2 {candidate.distinct_2:.3f} < {diversity:.3f} "
+            f"(gate.min_distinct2_ratio {cfg.min_distinct2_ratio} of the base model's "
+            f"{base.distinct_2:.3f})",
+        ),
+        (
+            "kl",
+            cfg.max_kl is not None and not candidate.kl <= cfg.max_kl,
+            f"KL from the base model {candidate.kl:.3f} nats/token > gate.max_kl {cfg.max_kl}",
+        ),
+    ]
+    for criterion, failed, detail in failures:
+        if failed:
+            return Verdict(False, criterion, detail, candidate)
+    return Verdict(
+        True,
+        None,
+        f"canary reward {candidate.reward_mean:.3f} ± {candidate.reward_ci95:.3f} vs "
+        f"{promoted.reward_mean:.3f} promoted; distinct-2 {candidate.distinct_2:.3f}; "
+        f"KL {candidate.kl:.3f} nats/token",
+        candidate,
+    )
+
+
+class CanaryJudge:
+    """Samples the canary prompts from a LoRATrainer's model and judges its adapter.
+
+    ``prompts`` are formatted (``PromptFormatter.format``: text and token ids);
+    ``sampling`` gives the length, temperature and top-p of the canary runs.
+    """
+
+    def __init__(
+        self,
+        cfg: GateConfig,
+        prompts: list[PromptRecord],
+        reward: SafeReward,
+        sampling: SamplingConfig,
+    ) -> None:
+        if not prompts:
+            raise ValueError("the promotion gate needs at least one canary prompt")
+        self.cfg = cfg
+        self.prompts = prompts
+        self.reward = reward
+        self.params = SamplingParams(
+            n=cfg.samples_per_prompt,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=cfg.seed,
+        )
+        self._base: CanaryFigures | None = None
+
+    def base(self, trainer: LoRATrainer) -> CanaryFigures:
+        """The base model's figures (measured once, with the adapter switched off)."""
+        if self._base is None:
+            with trainer.model.disable_adapter():
+                self._base = self.figures(trainer, kl=False)
+        return self._base
+
+    def judge(self, trainer: LoRATrainer, promoted: CanaryFigures | None) -> Verdict:
+        """The verdict on the adapter ``trainer`` holds now against the ``promoted``
+        version's figures (None: nothing promoted yet, the base model serves)."""
+        base = self.base(trainer)
+        return decide(self.figures(trainer, kl=True), promoted or base, base, self.cfg)
+
+    def figures(self, trainer: LoRATrainer, kl: bool) -> CanaryFigures:
+        """Sample, score and measure the policy ``trainer.model`` runs now."""
+        generator = TransformersGenerator.wrapping(trainer.model, trainer.tokenizer)
+        inputs = [EnginePrompt(p.text, p.token_ids) for p in self.prompts]
+        outputs = generator.generate(inputs, self.params)
+        samples = [
+            Sample(
+                prompt_id=record.id,
+                prompt=record.prompt,
+                prompt_text=record.text,
+                response=completion.text,
+                response_tokens=completion.num_tokens,
+                adapter_version=0,
+                finish_reason=completion.finish_reason,
+                prompt_token_ids=completion.prompt_token_ids,
+                response_token_ids=completion.token_ids,
+                response_logprobs=completion.logprobs,
+            )
+            for record, completions in zip(self.prompts, outputs, strict=True)
+            for completion in completions
+        ]
+        outcomes = self.reward.score([s.prompt for s in samples], [s.response for s in samples])
+        per_prompt: dict[str, list[float]] = defaultdict(list)
+        for sample, outcome in zip(samples, outcomes, strict=True):
+            if outcome.reward is not None and math.isfinite(outcome.reward):
+                per_prompt[sample.prompt_id].append(outcome.reward)
+        means = [statistics.fmean(rewards) for rewards in per_prompt.values()]
+        return CanaryFigures(
+            reward_mean=statistics.fmean(means) if means else math.nan,
+            reward_ci95=_ci95(means),
+            distinct_2=distinct_n([s.response for s in samples], 2),
+            mean_tokens=statistics.fmean(s.response_tokens for s in samples),
+            kl=_kl_from_base(trainer, samples) if kl else 0.0,
+        )
+
+
+def _ci95(values: list[float]) -> float:
+    if len(values) < 2:
+        return math.inf
+    return t_critical_95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _kl_from_base(trainer: LoRATrainer, samples: list[Sample]) -> float:
+    """Mean of log pi(y_t) - log pi_base(y_t) over the sampled tokens (nats per token)."""
+    mine = trainer.logprobs(samples)
+    with trainer.model.disable_adapter():
+        base = trainer.logprobs(samples)
+    differences = [
+        a - b
+        for ours, theirs in zip(mine, base, strict=True)
+        for a, b in zip(ours, theirs, strict=True)
+    ]
+    return statistics.fmean(differences) if differences else 0.0
+
+
+def build_judge(cfg: RaftConfig, model_path: str, reward: SafeReward) -> CanaryJudge | None:
+    """The configured gate's judge (None without ``gate.canary_prompts``). Raises
+    ConfigError when the canary file cannot be read or holds no prompt."""
+    path = cfg.gate.canary_prompts
+    if path is None:
+        return None
+    try:
+        records = read_prompts_jsonl(path, cfg.generation.sampling)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"gate.canary_prompts ({path}) cannot be read: {err}") from None
+    if not records:
+        raise ConfigError(f"gate.canary_prompts ({path}) holds no prompt; add some or unset it")
+    formatter = PromptFormatter.from_model(model_path, cfg.model)
+    prompts = [formatter.format(record) for record in records]
+    return CanaryJudge(cfg.gate, prompts, reward, cfg.generation.sampling)

@@ -1,0 +1,308 @@
+"""The promotion gate (issue 10): no adapter version serves until it holds up on canary
+prompts against the version serving now; a rejected version is stored, never served."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from raft_stream.config import GateConfig, KafkaConfig, load_config
+from raft_stream.data.prompts import write_prompts_jsonl
+from raft_stream.data.tiny_model import tiny_prompts
+from raft_stream.gate import CanaryFigures, Verdict, build_judge, decide
+from raft_stream.generation.base import Generator, SamplingParams
+from raft_stream.generation.hf_backend import TransformersGenerator
+from raft_stream.metrics import RaftMetrics
+from raft_stream.offline import run_offline
+from raft_stream.prompting import PromptFormatter
+from raft_stream.raft import RaftSampler
+from raft_stream.ranking import select
+from raft_stream.rewards.registry import build_safe_reward
+from raft_stream.roles.adapters import AdapterFetchError, AdapterTrust, announcement_of
+from raft_stream.roles.generator import GeneratorRole
+from raft_stream.roles.lifecycle import Shutdown
+from raft_stream.roles.trainer import TrainerRole
+from raft_stream.stream.kafka import StreamProducer, ensure_topics
+from raft_stream.stream.schema import decode_adapter, dumps, encode_sample
+from raft_stream.training.lora_trainer import LoRATrainer
+from raft_stream.training.store import AdapterStore
+from raft_stream.types import AdapterVersion, Sample
+from tests.roles_support import RoleThread, TopicReader, produce_raw, role_config, wait_for
+
+BASE = CanaryFigures(reward_mean=0.10, reward_ci95=0.05, distinct_2=0.50, mean_tokens=12, kl=0.0)
+GATE = GateConfig(canary_prompts=Path("canary.jsonl"), reward_margin=0.05, max_kl=1.0)
+
+
+def candidate(**changes: float) -> CanaryFigures:
+    fields = {"reward_mean": 0.30, "reward_ci95": 0.05, "distinct_2": 0.45, "mean_tokens": 11}
+    return CanaryFigures(**(fields | {"kl": 0.2} | changes))
+
+
+def test_a_candidate_that_holds_up_is_promoted() -> None:
+    verdict = decide(candidate(), BASE, BASE, GATE)
+    assert verdict.promoted and verdict.name == "promoted" and verdict.criterion is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "criterion", "detail"),
+    [
+        ({"reward_mean": 0.04}, "reward", r"canary reward 0\.040 < 0\.050"),
+        ({"reward_mean": math.nan}, "reward", "canary reward nan"),
+        ({"distinct_2": 0.30}, "diversity", r"distinct-2 0\.300 < 0\.350"),
+        ({"kl": 1.5}, "kl", r"1\.500 nats/token > gate\.max_kl 1\.0"),
+    ],
+)
+def test_a_candidate_is_rejected_naming_the_first_criterion_it_fails(
+    changes: dict[str, float], criterion: str, detail: str
+) -> None:
+    verdict = decide(candidate(**changes), BASE, BASE, GATE)
+    assert not verdict.promoted and verdict.name == "rejected"
+    assert verdict.criterion == criterion
+    assert re.search(detail, verdict.detail), verdict.detail
+
+
+def test_the_candidate_is_compared_with_the_promoted_version_not_the_base() -> None:
+    promoted = candidate(reward_mean=0.60)
+    assert decide(candidate(reward_mean=0.56), promoted, BASE, GATE).promoted
+    assert decide(candidate(reward_mean=0.54), promoted, BASE, GATE).criterion == "reward"
+
+
+def test_canary_figures_travel_in_the_metrics_of_a_version() -> None:
+    figures = candidate()
+    assert CanaryFigures.from_metrics(figures.as_metrics() | {"loss": 1.0}) == figures
+    assert CanaryFigures.from_metrics({"loss": 1.0}) is None  # never judged
+    lonely = candidate(reward_ci95=math.inf)  # one canary prompt: no interval
+    assert "canary_reward_ci95" not in lonely.as_metrics()  # JSON has no infinity
+    assert CanaryFigures.from_metrics(lonely.as_metrics()) == lonely
+
+
+def _save(folder: Path) -> None:
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    (folder / "adapter_config.json").write_text("{}")
+
+
+def test_a_rejected_version_is_stored_but_latest_stays_on_the_promoted_one(
+    tmp_path: Path,
+) -> None:
+    store = AdapterStore(tmp_path / "adapters", base_model="tiny")
+    promoted = store.write(_save, {}, verdict="promoted")
+    rejected = store.write(_save, {}, verdict="rejected")
+    assert store.versions() == [1, 2]
+    assert store.latest() == promoted  # the trainer resumes from it, generators serve it
+    assert store.get(2).verdict == "rejected" == rejected.verdict
+    message = decode_adapter(dumps(announcement_of(rejected)))
+    assert message.verdict == "rejected"
+
+
+def test_a_forged_promotion_of_a_rejected_version_is_refused(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "adapters", base_model="tiny")
+    rejected = store.write(_save, {}, verdict="rejected")
+    forged = json.loads(dumps(announcement_of(rejected))) | {"verdict": "promoted"}
+    trust = AdapterTrust(tmp_path / "adapters", "tiny", lineage=store.lineage)
+    with pytest.raises(AdapterFetchError, match="disagrees on verdict") as err:
+        trust.verify(decode_adapter(dumps(forged)), rejected.path)
+    assert err.value.reason == "manifest_mismatch"
+
+
+def gated_config(out: Path, **settings: object):  # type: ignore[no-untyped-def]
+    """Offline RAFT on the tiny preset with the gate on held-out canary prompts."""
+    write_prompts_jsonl(tiny_prompts("train"), out / "train.jsonl")
+    write_prompts_jsonl(tiny_prompts("eval")[:16], out / "canary.jsonl")
+    return load_config(
+        overrides={
+            "model.name_or_path": "tiny",
+            "offline.prompts": str(out / "train.jsonl"),
+            "offline.iterations": 4,
+            "offline.prompts_per_iteration": 64,
+            "offline.output_dir": str(out),
+            "gate.canary_prompts": str(out / "canary.jsonl"),
+            **settings,
+        }
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_the_gate_blocks_a_reward_hack_that_collapses_diversity(
+    vllm_generator: Generator, tmp_path: Path
+) -> None:
+    # A learning rate above the preset's (1e-2) reaches the hack within a few rounds; the
+    # gate asks for 90% of the base model's canary distinct-2 (0.7 is the default).
+    cfg = gated_config(
+        tmp_path,
+        **{
+            "reward.kind": "python",
+            "reward.function": "tests.gate_rewards:repeats_one_word",
+            "training.learning_rate": 1e-2,
+            "offline.iterations": 6,
+            "gate.min_distinct2_ratio": 0.9,
+        },
+    )
+    report = run_offline(cfg, generator=vllm_generator)
+    rows = report.iterations
+    rejected = [r for r in rows if r.verdict == "rejected"]
+    assert rejected, [(r.verdict, r.canary_distinct_2) for r in rows]
+    assert {r.gate_criterion for r in rejected} == {"diversity"}
+    # What generators serve: the newest promoted version, never a rejected one, and its
+    # diversity held above the bound while the rejected candidates fell below it.
+    assert report.canary_base is not None
+    bound = cfg.gate.min_distinct2_ratio * report.canary_base.distinct_2
+    assert all(r.canary_distinct_2 < bound for r in rejected)
+    promoted = [r for r in rows if r.verdict == "promoted"]
+    assert all(r.canary_distinct_2 >= bound for r in promoted)
+    served = AdapterStore(tmp_path / "adapters", base_model="tiny", readonly=True).latest()
+    assert served is None or served.verdict == "promoted"
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_the_gate_rejects_a_sabotaged_round_on_reward_and_keeps_the_promoted_version(
+    vllm_generator: Generator, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cfg = gated_config(tmp_path)  # the tiny preset, VADER
+    model_path = str(tiny_model_dir)
+    reward = build_safe_reward(cfg.reward)
+    judge = build_judge(cfg, model_path, reward)
+    assert judge is not None
+    formatter = PromptFormatter.from_model(model_path, cfg.model)
+    prompts = [formatter.format(p) for p in tiny_prompts("train")[:64]]
+    sampler = RaftSampler(
+        vllm_generator, reward, cfg.ranking, SamplingParams.from_config(cfg.generation.sampling)
+    )
+    trainer = LoRATrainer(model_path, cfg.training)
+    store = AdapterStore(tmp_path / "adapters", base_model=model_path)
+
+    def judged_round(kept: list[Sample]) -> Verdict:
+        trainer.train(kept)
+        promoted = store.latest()
+        verdict = judge.judge(
+            trainer, CanaryFigures.from_metrics(promoted.metrics) if promoted else None
+        )
+        store.write(trainer.save, verdict.candidate.as_metrics(), verdict=verdict.name)
+        return verdict
+
+    honest = []
+    for _ in range(3):
+        latest = store.latest()
+        honest.append(judged_round(sampler.run(prompts, latest).selection.kept))
+    promoted = store.latest()
+    assert promoted is not None, [v.detail for v in honest]
+    # Sabotage: a round trained on the worst response to each prompt (the reward's sign
+    # flipped in ranking).
+    samples = sampler.run(prompts, promoted).samples
+    for sample in samples:
+        sample.reward = -sample.reward if sample.reward is not None else None
+        sample.reject_reason, sample.rank = None, None
+    worst = select(samples, cfg.ranking, cfg.generation.sampling.k).kept
+    sabotaged = judged_round(worst)
+    assert (sabotaged.name, sabotaged.criterion) == ("rejected", "reward"), sabotaged.detail
+    assert store.latest() == promoted  # what generators serve and the trainer resumes from
+    reward.close()
+    store.close()
+
+
+@pytest.mark.kafka
+def test_a_generator_never_serves_a_version_the_gate_rejected(
+    kafka_config: Callable[..., KafkaConfig],
+    tiny_model_dir: Path,
+    tiny_lora_adapters: list[AdapterVersion],
+    tmp_path: Path,
+) -> None:
+    store = AdapterStore(tmp_path / "adapters", base_model=str(tiny_model_dir))
+    v1 = store.write(_copy_of(tiny_lora_adapters[0]), {}, verdict="promoted")
+    v2 = store.write(_copy_of(tiny_lora_adapters[1]), {}, verdict="rejected")
+    cfg = role_config(
+        kafka_config(),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{"store.root": str(store.root), "generation.backend": "transformers"},
+    )
+    engine = TransformersGenerator(str(tiny_model_dir), cfg.model, cfg.generation)
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    role = GeneratorRole(
+        cfg,
+        engine,
+        PromptFormatter.from_model(str(tiny_model_dir), cfg.model),
+        build_safe_reward(cfg.reward),
+        RaftMetrics(CollectorRegistry()),
+        shutdown,
+    )
+    ensure_topics(cfg.kafka, [cfg.kafka.topics.adapters])
+    thread = RoleThread(role.run, shutdown, "test-generator")
+    try:
+        wait_for(lambda: role.ready, 60, "generator ready")
+        with StreamProducer(cfg.kafka) as producer:
+            messages = [(None, announcement_of(v)) for v in (v1, v2)]
+            producer.send_and_wait(cfg.kafka.topics.adapters, messages, 10)
+        wait_for(lambda: role.served_version == 1, 30, "the promoted v1 served")
+        time.sleep(2 * cfg.daemon.adapter_poll_interval_s)  # v2 had its chance
+        assert role.served_version == 1
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+        engine.close()
+        store.close()
+
+
+def _copy_of(adapter: AdapterVersion) -> Callable[[Path], None]:
+    def save(folder: Path) -> None:
+        for item in adapter.path.iterdir():
+            shutil.copy2(item, folder / item.name)
+
+    return save
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_the_trainer_judges_each_version_before_announcing_it(
+    kafka_config: Callable[..., KafkaConfig], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A learning rate 100 times the preset's wrecks the adapter: its KL from the base
+    # model passes any sane bound, and it is stored as rejected, announced as such, and
+    # the next round starts again from the last promoted state (here the base model).
+    write_prompts_jsonl(tiny_prompts("eval")[:8], tmp_path / "canary.jsonl")
+    cfg = role_config(
+        kafka_config(partitions=1),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{
+            "buffer.batch_size": 8,
+            "training.learning_rate": 0.3,
+            "gate.canary_prompts": str(tmp_path / "canary.jsonl"),
+            "gate.max_kl": 0.5,
+        },
+    )
+    topics = cfg.kafka.topics
+    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
+    samples = [
+        Sample(f"p{i}", "the movie was", "the movie was", " great fun.", 3, 0, reward=0.5)
+        for i in range(16)
+    ]
+    metrics = RaftMetrics(CollectorRegistry())
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    trainer = TrainerRole(cfg, str(tiny_model_dir), metrics, shutdown)
+    announcements = TopicReader(cfg.kafka, topics.adapters, decode_adapter)
+    thread = RoleThread(trainer.run, shutdown, "test-trainer")
+    try:
+        produce_raw(cfg.kafka, [dumps(encode_sample(s)) for s in samples], topic=topics.samples)
+        wait_for(lambda: trainer.store.versions() == [1, 2], 180, "v1 and v2 judged")
+        assert [trainer.store.get(v).verdict for v in (1, 2)] == ["rejected", "rejected"]
+        assert trainer.store.latest() is None  # nothing to serve but the base model
+        assert CanaryFigures.from_metrics(trainer.store.get(1).metrics) is not None
+        heard = announcements.read_until(lambda found: len(found) >= 2, 30, "2 announcements")
+        assert [(a.version, a.verdict) for a in heard] == [(1, "rejected"), (2, "rejected")]
+        count = metrics.registry.get_sample_value(
+            "raft_stream_gate_verdicts_total", {"verdict": "rejected", "criterion": "kl"}
+        )
+        assert count == 2
+        assert thread.alive()
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+        announcements.close()

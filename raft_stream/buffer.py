@@ -30,7 +30,13 @@ from pathlib import Path
 from raft_stream.durable import replace_durably
 from raft_stream.errors import MessageError
 from raft_stream.reasons import CAPACITY, EVICTION_REASONS, STALE
-from raft_stream.stream.schema import REWARD_OUT_OF_BOUNDS, decode_sample, dumps, encode_sample
+from raft_stream.stream.schema import (
+    MAX_MESSAGE_BYTES,
+    REWARD_OUT_OF_BOUNDS,
+    decode_sample,
+    dumps,
+    encode_sample,
+)
 from raft_stream.types import Sample
 
 __all__ = ["EVICTION_REASONS", "RewardBuffer", "check_reward", "mean_reward"]
@@ -116,9 +122,12 @@ class RewardBuffer:
         max_staleness: int | None = None,
         version: int = 0,
         on_evict: Callable[[str, int], None] = _no_report,
+        max_record_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         if batch_size > capacity:
             raise ValueError(f"batch_size ({batch_size}) must be <= capacity ({capacity})")
+        self.max_record_bytes = max_record_bytes
+        """A saved row's size limit: ``kafka.max_message_bytes``, the limit it arrived under."""
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(
                 f"max_staleness ({max_staleness}) must be >= 0 adapter versions, or None "
@@ -279,7 +288,8 @@ class RewardBuffer:
                 if not row.strip():
                     continue
                 try:
-                    samples.append(self.check(decode_sample(row.rstrip(b"\n"))))
+                    row = row.rstrip(b"\n")
+                    samples.append(self.check(decode_sample(row, self.max_record_bytes)))
                 except MessageError as err:
                     self.refused += 1
                     log.warning(

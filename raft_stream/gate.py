@@ -184,7 +184,9 @@ class CanaryJudge:
 
     def figures(self, trainer: LoRATrainer, kl: bool) -> CanaryFigures:
         """Sample, score and measure the policy ``trainer.model`` runs now."""
-        generator = TransformersGenerator.wrapping(trainer.model, trainer.tokenizer)
+        generator = TransformersGenerator.wrapping(
+            trainer.model, trainer.tokenizer, with_logprobs=False
+        )
         inputs = [EnginePrompt(p.text, p.token_ids) for p in self.prompts]
         outputs = generator.generate(inputs, self.params)
         samples = [

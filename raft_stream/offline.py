@@ -56,15 +56,17 @@ class IterationMetrics:
     dropped_samples: int = 0
     """Kept samples not trained on (longer than ``training.max_length``, or untrainable)."""
     learning_stalled: bool | None = None
+    """Loss not falling and reward not rising over the last ``training.stall_rounds``
+    iterations (raft_stream.learning_health); None until there are that many."""
     verdict: str = ""
     """The promotion gate's verdict on this iteration's version (promoted: the next
     iteration samples from it; rejected: from the last promoted one); empty without a gate."""
     gate_criterion: str = ""
     """What a rejected version failed (raft_stream.reasons.GATE_CRITERIA)."""
     canary_reward_mean: float = float("nan")
+    """Mean reward of this iteration's version on the canary prompts (NaN without a gate)."""
     canary_distinct_2: float = float("nan")
-    """Loss not falling and reward not rising over the last ``training.stall_rounds``
-    iterations (raft_stream.learning_health); None until there are that many."""
+    """Distinct-2 of its canary responses (NaN without a gate)."""
 
 
 @dataclass

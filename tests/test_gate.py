@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from raft_stream.config import GateConfig, KafkaConfig, load_config
 from raft_stream.data.prompts import write_prompts_jsonl
 from raft_stream.data.tiny_model import tiny_prompts
-from raft_stream.gate import CanaryFigures, Verdict, build_judge, decide
+from raft_stream.gate import CanaryFigures, CanaryJudge, Verdict, build_judge, decide
 from raft_stream.generation.base import Generator, SamplingParams
 from raft_stream.generation.hf_backend import TransformersGenerator
 from raft_stream.metrics import RaftMetrics
@@ -26,7 +26,12 @@ from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
 from raft_stream.ranking import select
 from raft_stream.rewards.registry import build_safe_reward
-from raft_stream.roles.adapters import AdapterFetchError, AdapterTrust, announcement_of
+from raft_stream.roles.adapters import (
+    AdapterFetchError,
+    AdapterTrust,
+    announcement_of,
+    stored_announcement,
+)
 from raft_stream.roles.generator import GeneratorRole
 from raft_stream.roles.lifecycle import Shutdown
 from raft_stream.roles.trainer import TrainerRole
@@ -34,7 +39,7 @@ from raft_stream.stream.kafka import StreamProducer, ensure_topics
 from raft_stream.stream.schema import decode_adapter, dumps, encode_sample
 from raft_stream.training.lora_trainer import LoRATrainer
 from raft_stream.training.store import AdapterStore
-from raft_stream.types import AdapterVersion, Sample
+from raft_stream.types import AdapterVersion, PromptRecord, Sample
 from tests.roles_support import RoleThread, TopicReader, produce_raw, role_config, wait_for
 
 BASE = CanaryFigures(reward_mean=0.10, reward_ci95=0.05, distinct_2=0.50, mean_tokens=12, kl=0.0)
@@ -277,6 +282,9 @@ def test_the_trainer_judges_each_version_before_announcing_it(
             "training.learning_rate": 0.3,
             "gate.canary_prompts": str(tmp_path / "canary.jsonl"),
             "gate.max_kl": 0.5,
+            # Staleness counts from the promoted version (here the base model): a rejected
+            # v1 must not make the v0 samples of the next round stale.
+            "buffer.max_staleness": 0,
         },
     )
     topics = cfg.kafka.topics
@@ -306,3 +314,66 @@ def test_the_trainer_judges_each_version_before_announcing_it(
     finally:
         thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
         announcements.close()
+
+
+def test_a_pinned_rejected_version_is_never_served_nor_resumed_from(
+    tiny_model_dir: Path, tiny_lora_adapters: list[AdapterVersion], tmp_path: Path
+) -> None:
+    store = AdapterStore(tmp_path / "adapters", base_model=str(tiny_model_dir))
+    store.write(_copy_of(tiny_lora_adapters[0]), {}, verdict="promoted")
+    store.write(_copy_of(tiny_lora_adapters[1]), {}, verdict="rejected")
+    v3 = store.write(_copy_of(tiny_lora_adapters[2]), {}, verdict="promoted")
+    (v3.path / "adapter_model.safetensors").write_bytes(b"corrupt")  # latest fails to verify
+    store.close()
+    cfg = load_config(
+        overrides={
+            "model.name_or_path": str(tiny_model_dir),
+            "daemon.state_dir": str(tmp_path / "state"),
+            "store.root": str(store.root),
+            "store.pinned_version": 2,
+            "generation.backend": "transformers",
+            "training.lora_alpha": 64,  # the shape of the test adapters
+        },
+        preset="tiny",
+    )
+    metrics = RaftMetrics(CollectorRegistry())
+    engine = TransformersGenerator(str(tiny_model_dir), cfg.model, cfg.generation)
+    role = GeneratorRole(
+        cfg,
+        engine,
+        PromptFormatter.from_model(str(tiny_model_dir), cfg.model),
+        build_safe_reward(cfg.reward),
+        metrics,
+        Shutdown(1.0),
+    )
+    assert not role._switch(stored_announcement(store.root, 2, None))
+    refused = metrics.registry.get_sample_value(
+        "raft_stream_adapter_load_failures_total", {"reason": "gate_rejected"}
+    )
+    assert refused == 1 and role.served_version == 0
+    trainer = TrainerRole(cfg, str(tiny_model_dir), metrics, Shutdown(1.0))
+    try:
+        good = trainer._last_good_version()  # v3 fails, v2 was rejected: v1
+        assert good is not None and good.version == 1
+    finally:
+        trainer.store.close()
+
+
+def test_canary_responses_longer_than_training_max_length_are_still_measured(
+    tiny_model_dir: Path,
+) -> None:
+    # The KL needs log-probs of the canary responses, not a training example: a canary
+    # prompt longer than training.max_length must not fail every round.
+    cfg = load_config(
+        overrides={
+            "model.name_or_path": "tiny",
+            "training.max_length": 16,
+            "gate.canary_prompts": "unused.jsonl",
+        }
+    )
+    trainer = LoRATrainer(str(tiny_model_dir), cfg.training)
+    formatter = PromptFormatter.from_model(str(tiny_model_dir), cfg.model)
+    long = formatter.format(PromptRecord("long", "the movie was " * 6))
+    judge = CanaryJudge(cfg.gate, [long], build_safe_reward(cfg.reward), cfg.generation.sampling)
+    figures = judge.figures(trainer, kl=True)
+    assert math.isfinite(figures.kl) and figures.mean_tokens > 0

@@ -228,3 +228,20 @@ def test_a_trainer_restarted_with_another_lora_shape_refuses_naming_both_values(
         trainer_role(cfg(16))
     resumed = trainer_role(cfg(8))  # the store's lock was released by the refused one
     resumed.store.close()
+
+
+def test_a_forged_sampling_logprob_cannot_turn_the_adapter_into_nan(tiny_model_dir: Path) -> None:
+    # exp(log pi - (-1e308)) overflows to infinity; the loss stayed finite (the clip picks
+    # 1 + eps) while 0 x inf made the gradient NaN and AdamW spread it to every weight.
+    cfg = CFG.model_copy(update={"loss_type": "clipped_is"})
+    trainer = LoRATrainer(str(tiny_model_dir), cfg)
+    forged = replace(
+        make(" fine."),
+        prompt_token_ids=(0, 309, 317, 263),
+        response_token_ids=(400, 1),
+        response_logprobs=(-1e308, -200.0),
+    )
+    result = trainer.train([forged, *BATCH[:3]])
+    assert math.isfinite(result.loss) and result.clip_fraction > 0
+    lora = [p for n, p in trainer.model.named_parameters() if "lora" in n]
+    assert all(torch.isfinite(p).all() for p in lora)

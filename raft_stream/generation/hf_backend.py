@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -63,17 +64,25 @@ class TransformersGenerator:
 
     @classmethod
     def wrapping(
-        cls, model: Any, tokenizer: PreTrainedTokenizerBase, batch_size: int = 8
+        cls,
+        model: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 8,
+        with_logprobs: bool = True,
     ) -> TransformersGenerator:
         """A generator over a model already in memory (e.g. the trainer's peft model,
-        sampling through its active adapter); ``adapter`` must then be None."""
+        sampling through its active adapter); ``adapter`` must then be None.
+        ``with_logprobs`` False skips the sampling log-probs (and the per-step logits that
+        computing them keeps in memory)."""
         generator = cls.__new__(cls)
         generator._adopt(model, copy.deepcopy(tokenizer), batch_size)
+        generator.with_logprobs = with_logprobs
         return generator
 
     def _adopt(self, model: Any, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> None:
         self.device = next(model.parameters()).device
         self.batch_size = batch_size
+        self.with_logprobs = True
         self.tokenizer = tokenizer
         # Left padding keeps every prompt's last token at the end, where generation starts.
         self.tokenizer.padding_side = "left"
@@ -114,18 +123,34 @@ class TransformersGenerator:
         """Nothing to stop: the model is freed with this object."""
 
     def _completion(
-        self, prompt_ids: tuple[int, ...], ids: list[int], logprobs: list[float]
+        self, prompt_ids: tuple[int, ...], ids: list[int], logprobs: list[float] | None
     ) -> Completion:
         stopped = bool(ids) and ids[-1] in self.eos_ids
         text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
+        finite = logprobs is not None and all(math.isfinite(lp) for lp in logprobs)
         return Completion(
             text,
             len(ids),
             "stop" if stopped else "length",
             token_ids=tuple(ids),
             prompt_token_ids=prompt_ids,
-            logprobs=tuple(logprobs),
+            logprobs=tuple(logprobs) if finite and logprobs is not None else None,
         )
+
+    @staticmethod
+    def _sampled_logprobs(
+        logits: tuple[torch.Tensor, ...] | None, new_tokens: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Log-prob of each sampled token under the raw logits of its step (before
+        temperature and top-p, as vLLM reports them), one step at a time; None without
+        logits."""
+        if not logits:
+            return None
+        steps = [
+            step.float().log_softmax(-1).gather(-1, new_tokens[:, i : i + 1]).squeeze(-1)
+            for i, step in enumerate(logits)
+        ]
+        return torch.stack(steps, dim=1)
 
     def _prompt_ids(self, prompt: EnginePrompt) -> tuple[int, ...]:
         return prompt.token_ids or tuple(self.tokenizer(prompt.text).input_ids)
@@ -158,17 +183,17 @@ class TransformersGenerator:
                     pad_token_id=self.tokenizer.pad_token_id,
                     eos_token_id=sorted(self.eos_ids),
                     return_dict_in_generate=True,
-                    output_logits=True,
+                    output_logits=self.with_logprobs,
                     **options,
                 )
                 new_tokens = generated.sequences[:, batch["input_ids"].shape[1] :]
-                # Raw logits of each step (before temperature and top-p), as vLLM reports.
-                steps = torch.stack(generated.logits, dim=1).float().log_softmax(-1)
-                logprobs = steps.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+                logprobs = self._sampled_logprobs(generated.logits, new_tokens)
                 for row in range(new_tokens.shape[0]):
                     ids = self._until_eos(new_tokens[row].tolist())
                     completion = self._completion(
-                        prompt_ids[row // per_prompt], ids, logprobs[row, : len(ids)].tolist()
+                        prompt_ids[row // per_prompt],
+                        ids,
+                        None if logprobs is None else logprobs[row, : len(ids)].tolist(),
                     )
                     if row % per_prompt == 0:
                         out.append([])

@@ -155,7 +155,10 @@ class VLLMGenerator:
                 f"adapter version ({adapter.version}) must be >= 1: vLLM reserves LoRA id 0 "
                 "for the base model; pass adapter=None to sample from the base model"
             )
-        return LoRARequest(adapter.name, adapter.version, str(adapter.path))
+        # The checksum in the name: vLLM keys its prefix cache on (name, path), so a store
+        # rebuilt in the same folder must not hit the old weights' cached blocks.
+        name = f"{adapter.name}-{adapter.sha256[:12]}" if adapter.sha256 else adapter.name
+        return LoRARequest(name, adapter.version, str(adapter.path))
 
     def _add(self, lora: LoRARequest, sha256: str) -> float:
         """Load a version on first sight, so a bad folder fails here with its path and the

@@ -74,6 +74,8 @@ MANIFEST_MISMATCH: Final = "manifest_mismatch"
 TOO_LARGE: Final = "too_large"
 CHECKSUM_MISMATCH: Final = "checksum_mismatch"
 ENGINE_ERROR: Final = "engine_error"
+GATE_REJECTED: Final = "gate_rejected"
+"""A version the promotion gate rejected, pinned (``store.pinned_version``): never served."""
 MALFORMED: Final = "malformed"
 """An announcement the decoder refuses (its dead-letter reason is in the log)."""
 
@@ -88,6 +90,7 @@ REFUSAL_REASONS: Final = (
     TOO_LARGE,
     CHECKSUM_MISMATCH,
     ENGINE_ERROR,
+    GATE_REJECTED,
 )
 """Why a generator refuses an announced version, in the order it checks (a metric label)."""
 
@@ -117,6 +120,8 @@ def canonical_announcement(announcement: AdapterAnnouncement) -> bytes:
     never parsed, so a non-finite metric is written as NaN/Infinity rather than refused."""
     fields = dataclasses.asdict(announcement)
     del fields["signature"]
+    if fields["verdict"] is None:  # as signed before the promotion gate existed
+        del fields["verdict"]
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 

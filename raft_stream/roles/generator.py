@@ -50,6 +50,7 @@ from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.roles.adapters import (
     ENGINE_ERROR,
+    GATE_REJECTED,
     AdapterFetchError,
     AdapterTrust,
     AdapterWatcher,
@@ -375,6 +376,13 @@ class GeneratorRole:
 
     def _switch(self, announcement: AdapterAnnouncement) -> bool:
         """Fetch, verify and load a version; the next batch uses it. False: refused."""
+        if announcement.verdict == "rejected":  # a pin too: rejected versions never serve
+            self._refuse(
+                announcement.version,
+                GATE_REJECTED,
+                AdapterError("the promotion gate rejected this version"),
+            )
+            return False
         started = time.perf_counter()
         try:
             adapter = fetch_adapter(announcement, self.trust)

@@ -174,16 +174,23 @@ class TrainerRole:
             max_staleness=cfg.buffer.max_staleness,
             version=stored.version if stored is not None else 0,
             on_evict=metrics.count_buffer_eviction,
+            max_record_bytes=cfg.kafka.max_message_bytes,
         )
         self.reward: SafeReward | None = (
             build_safe_reward(cfg.reward) if cfg.buffer.rescore else None
         )
         """The trainer's own reward (``buffer.rescore``); None trusts the samples' field."""
-        self.judge = (
-            build_judge(cfg, model_path, self.reward or build_safe_reward(cfg.reward))
-            if cfg.gate.canary_prompts is not None
-            else None
-        )
+        try:
+            self.judge = (
+                build_judge(cfg, model_path, self.reward or build_safe_reward(cfg.reward))
+                if cfg.gate.canary_prompts is not None
+                else None
+            )
+        except ConfigError:
+            self.store.close()
+            if self.reward is not None:
+                self.reward.close()
+            raise
         """The promotion gate (``gate.canary_prompts``); None stores every version promoted."""
         self.health = LearningHealth(cfg.training.stall_rounds)
         """Loss and mean reward of the rounds: warns when learning stalls."""
@@ -369,7 +376,10 @@ class TrainerRole:
         if trend is not None:
             self.metrics.learning_stalled.set(float(trend.stalled))
         self.metrics.set_stored_version(adapter.version, adapter.created_at)
-        stale = self.buffer.set_version(adapter.version)
+        # Staleness counts from what may be served: a rejected version never is, and the
+        # next round resumes from the promoted one (``latest``).
+        promoted = adapter if adapter.verdict != "rejected" else self.store.latest()
+        stale = self.buffer.set_version(promoted.version if promoted else 0)
         log.info(
             "stored a new adapter version",
             extra={
@@ -576,7 +586,10 @@ class TrainerRole:
             (v for v in self.store.versions() if v <= latest.version), reverse=True
         ):
             try:
-                return self.store.get(version, verify=True)
+                stored = self.store.get(version, verify=True)
             except (AdapterError, OSError) as err:
                 log.error("stored adapter version fails verification", extra={"error": str(err)})
+                continue
+            if stored.verdict != "rejected":  # the promotion gate's rejects are never resumed
+                return stored
         return None

@@ -293,9 +293,12 @@ class LoRATrainer:
         eps = self.cfg.clip_epsilon
         has_old = batch["has_old"][:, 1:] & mask
         old = torch.where(has_old, batch["old_logprobs"][:, 1:], logprobs.detach())
-        ratio = torch.exp(logprobs - old)
-        objective = torch.minimum(ratio, ratio.clamp(1 - eps, 1 + eps))
-        clipped = int((ratio > 1 + eps)[has_old].sum())  # no gradient beyond 1 + eps
+        # With advantage +1, PPO's min(r, clip(r, 1 - eps, 1 + eps)) is min(r, 1 + eps):
+        # computed in log space, so a forged sampling log-prob of -1e308 cannot overflow
+        # exp() into an infinite ratio (and a NaN gradient); no gradient past 1 + eps.
+        log_ratio = logprobs - old
+        objective = torch.exp(torch.clamp(log_ratio, max=math.log1p(eps)))
+        clipped = int((log_ratio > math.log1p(eps))[has_old].sum())
         return -(objective * mask).sum() / n_targets, nll.detach(), clipped
 
     def train(self, samples: Sequence[Sample]) -> TrainResult:
@@ -380,7 +383,8 @@ class LoRATrainer:
         self.model.eval()
         out = []
         for sample in samples:
-            example = training_example(self.tokenizer, sample, self.max_length, self.vocab_size)
+            # Any length the model reads: these are scored, not trained on.
+            example = training_example(self.tokenizer, sample, 2**31, self.vocab_size)
             batch = self._collate([example])
             logits = self.model(input_ids=batch["input_ids"]).logits[0, :-1].float()
             targets = batch["labels"][0, 1:]
@@ -389,9 +393,14 @@ class LoRATrainer:
         return out
 
     def _step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(
+        norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm
         )
+        if not torch.isfinite(norm):  # a finite loss can still have a NaN gradient
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"the gradient norm became {norm.item()}; lower training.learning_rate"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -228,6 +228,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from raft_stream.gate import adapter_table
+    from raft_stream.roles.adapters import adapter_store_root
+    from raft_stream.training.store import AdapterStore
+
+    config = _config_from(args, {})
+    root = adapter_store_root(config)
+    if not root.exists():
+        raise RaftStreamError(f"no adapter store at {root}; check store.root or daemon.state_dir")
+    with AdapterStore(root, base_model=config.model.name_or_path, readonly=True) as store:
+        Console().print(adapter_table(store, config.store.pinned_version))
+    return 0
+
+
 def cmd_probe_engine(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -338,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--max-messages", type=int, help="stop after this many")
     tail.add_argument("--idle-timeout", type=float, help="stop after this many quiet seconds")
     tail.set_defaults(func=cmd_tail)
+
+    adapters = sub.add_parser("adapters", help="the adapter store's versions")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    listing = adapters_sub.add_parser(
+        "list", help="versions, promotion-gate verdicts and canary figures; which one serves"
+    )
+    _add_config_args(listing)
+    listing.set_defaults(func=cmd_adapters_list)
 
     probe = sub.add_parser(
         "probe-engine",

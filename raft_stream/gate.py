@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Final
+
+from rich.table import Table
 
 from raft_stream.config import GateConfig, RaftConfig, SamplingConfig
 from raft_stream.data.prompts import read_prompts_jsonl
@@ -39,9 +42,18 @@ from raft_stream.reasons import GATE_CRITERIA
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.textstats import distinct_n
 from raft_stream.training.lora_trainer import LoRATrainer
+from raft_stream.training.store import AdapterStore
 from raft_stream.types import PromptRecord, Sample
 
-__all__ = ["CRITERIA", "CanaryFigures", "CanaryJudge", "Verdict", "build_judge", "decide"]
+__all__ = [
+    "CRITERIA",
+    "CanaryFigures",
+    "CanaryJudge",
+    "Verdict",
+    "adapter_table",
+    "build_judge",
+    "decide",
+]
 
 CRITERIA: Final = GATE_CRITERIA
 """What a rejected version failed (a metric label), in the order they are checked."""
@@ -254,3 +266,28 @@ def build_judge(cfg: RaftConfig, model_path: str, reward: SafeReward) -> CanaryJ
     formatter = PromptFormatter.from_model(model_path, cfg.model)
     prompts = [formatter.format(record) for record in records]
     return CanaryJudge(cfg.gate, prompts, reward, cfg.generation.sampling)
+
+
+def adapter_table(store: AdapterStore, pinned: int | None = None) -> Table:
+    """The store's versions, newest first: verdict, canary figures, loss, and which one
+    serves (the pinned version, else ``latest``)."""
+    latest = store.latest()
+    serving = pinned if pinned is not None else (latest.version if latest else 0)
+    table = Table(title=f"adapter versions in {store.root}")
+    for column in ("version", "verdict", "canary reward", "distinct-2", "KL", "loss", "stored"):
+        table.add_column(column, justify="right")
+    for version in reversed(store.versions()):
+        adapter = store.get(version)
+        figures = CanaryFigures.from_metrics(adapter.metrics)
+        marker = " (serving)" if version == serving else ""
+        table.add_row(
+            f"v{version}{marker}",
+            adapter.verdict or "-",
+            f"{figures.reward_mean:.3f} ± {figures.reward_ci95:.3f}" if figures else "-",
+            f"{figures.distinct_2:.3f}" if figures else "-",
+            f"{figures.kl:.3f}" if figures else "-",
+            f"{adapter.metrics['loss']:.3f}" if "loss" in adapter.metrics else "-",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(adapter.created_at)),
+        )
+    table.caption = f"serving v{serving}" + (" (pinned)" if pinned is not None else "")
+    return table

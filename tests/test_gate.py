@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -377,3 +380,34 @@ def test_canary_responses_longer_than_training_max_length_are_still_measured(
     judge = CanaryJudge(cfg.gate, [long], build_safe_reward(cfg.reward), cfg.generation.sampling)
     figures = judge.figures(trainer, kl=True)
     assert math.isfinite(figures.kl) and figures.mean_tokens > 0
+
+
+def test_adapters_list_shows_verdicts_canary_figures_and_the_serving_version(
+    tmp_path: Path,
+) -> None:
+    store = AdapterStore(tmp_path / "adapters", base_model="demo")
+    store.write(_save, {"loss": 1.25, **candidate().as_metrics()}, verdict="promoted")
+    store.write(_save, {"loss": 3.5, **candidate(distinct_2=0.1).as_metrics()}, verdict="rejected")
+    store.close()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raft_stream.cli",
+            "adapters",
+            "list",
+            "--set",
+            f"store.root={tmp_path / 'adapters'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    v2 = next(line for line in lines if "v2" in line)
+    v1 = next(line for line in lines if "v1" in line)
+    assert "rejected" in v2 and "0.100" in v2 and "3.500" in v2
+    assert "promoted" in v1 and "(serving)" in v1 and "0.300 ± 0.050" in v1
+    assert "serving v1" in done.stdout

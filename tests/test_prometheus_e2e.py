@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from raft_stream.data.prompts import write_prompts_jsonl
+from raft_stream.data.tiny_model import tiny_prompts
 from tests.promql import ROOT, RULES, dashboard_queries, rule_queries, used_names
 
 INSTALL = "apt-get update && apt-get install -y prometheus"
@@ -99,6 +101,12 @@ def start_prometheus(target: str, workdir: Path, rule_files: list[Path]) -> Prom
     return Prometheus(url, process)
 
 
+def _canary_prompts(workdir: Path) -> Path:
+    path = workdir / "canary.jsonl"
+    write_prompts_jsonl(tiny_prompts("eval")[:4], path)
+    return path
+
+
 def _daemon_config(workdir: Path, bootstrap: str, name: Callable[[str], str], port: int) -> Path:
     config = {
         "model": {"name_or_path": "tiny"},  # and its preset, under these settings
@@ -107,6 +115,14 @@ def _daemon_config(workdir: Path, bootstrap: str, name: Callable[[str], str], po
         "buffer": {"capacity": 32, "batch_size": 8},
         "training": {"batch_size": 8, "learning_rate": 1e-3},
         "store": {"root": str(workdir / "adapters")},
+        # The gate judges every version (its panels need data) but promotes them all, so
+        # versions keep coming at the test's pace.
+        "gate": {
+            "canary_prompts": str(_canary_prompts(workdir)),
+            "samples_per_prompt": 2,
+            "reward_margin": 10.0,
+            "min_distinct2_ratio": 0.0,
+        },
         "kafka": {
             "bootstrap_servers": bootstrap,
             "topics": {

@@ -38,6 +38,7 @@ from raft_stream.generation.base import EnginePrompt, SamplingParams
 from raft_stream.generation.hf_backend import TransformersGenerator
 from raft_stream.learning_health import t_critical_95
 from raft_stream.prompting import PromptFormatter
+from raft_stream.raft import samples_of
 from raft_stream.reasons import GATE_CRITERIA
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.textstats import distinct_n
@@ -202,20 +203,9 @@ class CanaryJudge:
         inputs = [EnginePrompt(p.text, p.token_ids) for p in self.prompts]
         outputs = generator.generate(inputs, self.params)
         samples = [
-            Sample(
-                prompt_id=record.id,
-                prompt=record.prompt,
-                prompt_text=record.text,
-                response=completion.text,
-                response_tokens=completion.num_tokens,
-                adapter_version=0,
-                finish_reason=completion.finish_reason,
-                prompt_token_ids=completion.prompt_token_ids,
-                response_token_ids=completion.token_ids,
-                response_logprobs=completion.logprobs,
-            )
+            sample
             for record, completions in zip(self.prompts, outputs, strict=True)
-            for completion in completions
+            for sample in samples_of(record, completions, 0)
         ]
         outcomes = self.reward.score([s.prompt for s in samples], [s.response for s in samples])
         per_prompt: dict[str, list[float]] = defaultdict(list)

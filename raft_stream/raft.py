@@ -16,7 +16,7 @@ from raft_stream.errors import AdapterError
 from raft_stream.generation.base import EngineDeadError, EnginePrompt, Generator, SamplingParams
 from raft_stream.ranking import Selection, select
 from raft_stream.rewards.safe import SafeReward
-from raft_stream.types import AdapterVersion, PromptRecord, Sample
+from raft_stream.types import AdapterVersion, Completion, PromptRecord, Sample
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,28 @@ class ScoredBatch:
     @property
     def rewards(self) -> list[float]:
         return [s.reward for s in self.samples if s.scored]  # type: ignore[misc]
+
+
+def samples_of(
+    record: PromptRecord, completions: list[Completion], adapter_version: int
+) -> list[Sample]:
+    """A prompt's completions as unscored samples, with what the engine saw and sampled
+    (the trainer trains on those ids)."""
+    return [
+        Sample(
+            prompt_id=record.id,
+            prompt=record.prompt,
+            prompt_text=record.text,
+            response=completion.text,
+            response_tokens=completion.num_tokens,
+            adapter_version=adapter_version,
+            finish_reason=completion.finish_reason,
+            prompt_token_ids=completion.prompt_token_ids,
+            response_token_ids=completion.token_ids,
+            response_logprobs=completion.logprobs,
+        )
+        for completion in completions
+    ]
 
 
 class RaftSampler:
@@ -71,23 +93,8 @@ class RaftSampler:
             inputs = [EnginePrompt(r.text, r.token_ids) for r in records]
             outputs = self.generator.generate(inputs, params, adapter)
             for record, completions in zip(records, outputs, strict=True):
-                for completion in completions:
-                    tokens += completion.num_tokens
-                    samples.append(
-                        Sample(
-                            prompt_id=record.id,
-                            prompt=record.prompt,
-                            prompt_text=record.text,
-                            response=completion.text,
-                            response_tokens=completion.num_tokens,
-                            adapter_version=version,
-                            finish_reason=completion.finish_reason,
-                            # What the engine saw and sampled: the trainer trains on these.
-                            prompt_token_ids=completion.prompt_token_ids,
-                            response_token_ids=completion.token_ids,
-                            response_logprobs=completion.logprobs,
-                        )
-                    )
+                tokens += sum(c.num_tokens for c in completions)
+                samples += samples_of(record, completions, version)
         return samples, tokens
 
     def generate_each(

@@ -381,15 +381,25 @@ class LoRATrainer:
         included; natural log, raw distribution), one list per sample: what the engine
         reports as the sampling log-probs when it serves this very adapter."""
         self.model.eval()
+        # Any length the model reads: these are scored, not trained on.
+        examples = [
+            training_example(self.tokenizer, sample, 2**31, self.vocab_size) for sample in samples
+        ]
         out = []
-        for sample in samples:
-            # Any length the model reads: these are scored, not trained on.
-            example = training_example(self.tokenizer, sample, 2**31, self.vocab_size)
-            batch = self._collate([example])
-            logits = self.model(input_ids=batch["input_ids"]).logits[0, :-1].float()
-            targets = batch["labels"][0, 1:]
-            picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
-            out.append(picked.squeeze(-1)[targets != IGNORE_INDEX].tolist())
+        for start in range(0, len(examples), self.cfg.batch_size):
+            batch = self._collate(examples[start : start + self.cfg.batch_size])
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            picked = -torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2),
+                targets,
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+            masks = targets != IGNORE_INDEX
+            out += [row[mask].tolist() for row, mask in zip(picked, masks, strict=True)]
         return out
 
     def _step(self) -> None:

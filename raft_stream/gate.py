@@ -39,7 +39,6 @@ from raft_stream.generation.hf_backend import TransformersGenerator
 from raft_stream.learning_health import t_critical_95
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import samples_of
-from raft_stream.reasons import GATE_CRITERIA
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.textstats import distinct_n
 from raft_stream.training.lora_trainer import LoRATrainer
@@ -47,7 +46,6 @@ from raft_stream.training.store import AdapterStore
 from raft_stream.types import PromptRecord, Sample
 
 __all__ = [
-    "CRITERIA",
     "CanaryFigures",
     "CanaryJudge",
     "Verdict",
@@ -55,9 +53,6 @@ __all__ = [
     "build_judge",
     "decide",
 ]
-
-CRITERIA: Final = GATE_CRITERIA
-"""What a rejected version failed (a metric label), in the order they are checked."""
 
 _PREFIX: Final = "canary_"
 
@@ -101,7 +96,7 @@ class Verdict:
 
     promoted: bool
     criterion: str | None
-    """The first of CRITERIA it failed; None when promoted."""
+    """The first of ``raft_stream.reasons.GATE_CRITERIA`` it failed; None when promoted."""
     detail: str
     candidate: CanaryFigures
 

@@ -43,7 +43,7 @@ import torch
 from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, ConfigError, NonFiniteLossError, TrainingError
-from raft_stream.gate import CanaryFigures, Verdict, build_judge
+from raft_stream.gate import CanaryFigures, CanaryJudge, Verdict, build_judge
 from raft_stream.learning_health import LearningHealth
 from raft_stream.metrics import RaftMetrics
 from raft_stream.reasons import TRAINING_FAILED
@@ -180,18 +180,17 @@ class TrainerRole:
             build_safe_reward(cfg.reward) if cfg.buffer.rescore else None
         )
         """The trainer's own reward (``buffer.rescore``); None trusts the samples' field."""
+        # The promotion gate (``gate.canary_prompts``); None stores every version unjudged.
+        self.judge: CanaryJudge | None = None
         try:
-            self.judge = (
-                build_judge(cfg, model_path, self.reward or build_safe_reward(cfg.reward))
-                if cfg.gate.canary_prompts is not None
-                else None
-            )
+            if cfg.gate.canary_prompts is not None:
+                gate_reward = self.reward or build_safe_reward(cfg.reward)
+                self.judge = build_judge(cfg, model_path, gate_reward)
         except ConfigError:
             self.store.close()
             if self.reward is not None:
                 self.reward.close()
             raise
-        """The promotion gate (``gate.canary_prompts``); None stores every version promoted."""
         self.health = LearningHealth(cfg.training.stall_rounds)
         """Loss and mean reward of the rounds: warns when learning stalls."""
         self.ready = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,12 @@ def test_a_sample_carries_the_engine_token_ids_and_logprobs_and_says_so() -> Non
     message = encode_sample(sample)
     assert message["tokens"] == "sampled"
     assert decode_sample(dumps(message)) == sample
+    # Sampling log-probs travel at float32 precision (7 significant digits): a sample of a
+    # 1 KiB limit must not overflow for the digits of a float64 repr.
+    precise = replace(sample, response_logprobs=(-0.0014699617167934775, -3.14159265358979))
+    assert encode_sample(precise)["response_logprobs"] == [-0.001469962, -3.141593]
+    again = decode_sample(dumps(encode_sample(precise)))
+    assert decode_sample(dumps(encode_sample(again))) == again
     text_only = Sample("p1", "Hi", "Hi", "Hello", 2, 0, reward=0.5)
     assert encode_sample(text_only)["tokens"] == "text"
     assert not decode_sample(dumps(encode_sample(text_only))).token_faithful

@@ -373,9 +373,15 @@ def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, 
         message["prompt_token_ids"] = list(sample.prompt_token_ids)
         message["response_token_ids"] = list(sample.response_token_ids)
         if sample.response_logprobs is not None:
-            # A log-prob is <= 0; float rounding can leave +1e-7 on a near-certain token.
-            message["response_logprobs"] = [min(lp, 0.0) for lp in sample.response_logprobs]
+            message["response_logprobs"] = [_logprob(lp) for lp in sample.response_logprobs]
     return message
+
+
+def _logprob(value: float) -> float:
+    """A sampling log-prob as the record holds it: 7 significant digits (float32, what the
+    engine computed; half the bytes of a full repr; rounding again changes nothing), and
+    at most 0 (float rounding can leave +1e-7 on a near-certain token)."""
+    return min(float(f"{value:.7g}"), 0.0)
 
 
 def _token_ids(obj: dict[str, Any], name: str) -> tuple[int, ...]:
@@ -407,7 +413,7 @@ def _logprobs(obj: dict[str, Any], response_ids: tuple[int, ...]) -> tuple[float
             f"response_logprobs must be a list of {len(response_ids)} numbers <= 0, one per "
             "response_token_ids",
         )
-    return tuple(float(lp) for lp in value)
+    return tuple(_logprob(lp) for lp in value)
 
 
 def decode_sample(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Sample:

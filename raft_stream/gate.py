@@ -24,21 +24,20 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Final
 
 from rich.table import Table
 
-from raft_stream.config import GateConfig, RaftConfig, SamplingConfig
+from raft_stream.config import GateConfig, RaftConfig, RankingConfig, SamplingConfig
 from raft_stream.data.prompts import read_prompts_jsonl
 from raft_stream.errors import ConfigError
-from raft_stream.generation.base import EnginePrompt, SamplingParams
+from raft_stream.generation.base import SamplingParams
 from raft_stream.generation.hf_backend import TransformersGenerator
-from raft_stream.learning_health import t_critical_95
+from raft_stream.learning_health import mean_ci95
 from raft_stream.prompting import PromptFormatter
-from raft_stream.raft import samples_of
+from raft_stream.raft import RaftSampler, prompt_means
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.textstats import distinct_n
 from raft_stream.training.lora_trainer import LoRATrainer
@@ -195,32 +194,17 @@ class CanaryJudge:
         generator = TransformersGenerator.wrapping(
             trainer.model, trainer.tokenizer, with_logprobs=False
         )
-        inputs = [EnginePrompt(p.text, p.token_ids) for p in self.prompts]
-        outputs = generator.generate(inputs, self.params)
-        samples = [
-            sample
-            for record, completions in zip(self.prompts, outputs, strict=True)
-            for sample in samples_of(record, completions, 0)
-        ]
-        outcomes = self.reward.score([s.prompt for s in samples], [s.response for s in samples])
-        per_prompt: dict[str, list[float]] = defaultdict(list)
-        for sample, outcome in zip(samples, outcomes, strict=True):
-            if outcome.reward is not None and math.isfinite(outcome.reward):
-                per_prompt[sample.prompt_id].append(outcome.reward)
-        means = [statistics.fmean(rewards) for rewards in per_prompt.values()]
+        sampler = RaftSampler(generator, self.reward, RankingConfig(), self.params)
+        samples, _ = sampler.generate(self.prompts, None)
+        sampler.score(samples)
+        means = list(prompt_means(samples).values())
         return CanaryFigures(
             reward_mean=statistics.fmean(means) if means else math.nan,
-            reward_ci95=_ci95(means),
+            reward_ci95=mean_ci95(means),
             distinct_2=distinct_n([s.response for s in samples], 2),
             mean_tokens=statistics.fmean(s.response_tokens for s in samples),
             kl=_kl_from_base(trainer, samples) if kl else 0.0,
         )
-
-
-def _ci95(values: list[float]) -> float:
-    if len(values) < 2:
-        return math.inf
-    return t_critical_95(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _kl_from_base(trainer: LoRATrainer, samples: list[Sample]) -> float:

@@ -27,11 +27,18 @@ import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
-__all__ = ["HeldOutGain", "LearningHealth", "Trend", "held_out_gain", "t_critical_95"]
+__all__ = [
+    "HeldOutGain",
+    "LearningHealth",
+    "Trend",
+    "held_out_gain",
+    "mean_ci95",
+    "t_critical_95",
+]
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +193,13 @@ def held_out_gain(before: Mapping[str, float], after: Mapping[str, float]) -> He
     n = len(differences)
     if n == 0:
         return HeldOutGain(math.nan, math.inf, 0)
-    if n == 1:
-        return HeldOutGain(differences[0], math.inf, 1)
-    mean = statistics.fmean(differences)
-    standard_error = statistics.stdev(differences) / math.sqrt(n)
-    return HeldOutGain(mean, t_critical_95(n - 1) * standard_error, n)
+    return HeldOutGain(statistics.fmean(differences), mean_ci95(differences), n)
+
+
+def mean_ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% Student-t interval of the mean of ``values``; infinite with
+    fewer than two."""
+    n = len(values)
+    if n < 2:
+        return math.inf
+    return t_critical_95(n - 1) * statistics.stdev(values) / math.sqrt(n)

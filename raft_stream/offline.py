@@ -8,7 +8,6 @@ import json
 import logging
 import statistics
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from raft_stream.generation.base import Generator, SamplingParams, build_generat
 from raft_stream.learning_health import HeldOutGain, LearningHealth, held_out_gain
 from raft_stream.plotting import plot_learning_curve
 from raft_stream.prompting import PromptFormatter
-from raft_stream.raft import RaftSampler
+from raft_stream.raft import RaftSampler, prompt_means
 from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.textstats import distinct_n
 from raft_stream.training.lora_trainer import LoRATrainer
@@ -111,17 +110,13 @@ def evaluate(
     _log_skipped(prompts, failed, "held-out")
     sampler.score(samples)
     rewards = [s.reward for s in samples if s.scored]
-    by_prompt: dict[str, list[float]] = defaultdict(list)
-    for sample in samples:
-        if sample.reward is not None and sample.scored:
-            by_prompt[sample.prompt_id].append(sample.reward)
     return EvalResult(
         adapter_version=adapter.version if adapter else 0,
         reward_mean=_mean(rewards),  # type: ignore[arg-type]
         distinct_2=distinct_n([s.response for s in samples], 2),
         samples=len(samples),
         skipped_prompts=len(failed),
-        prompt_rewards={prompt: _mean(values) for prompt, values in by_prompt.items()},
+        prompt_rewards=prompt_means(samples),
     )
 
 

@@ -7,6 +7,7 @@ come from and where kept samples go.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -62,6 +63,15 @@ def samples_of(
         )
         for completion in completions
     ]
+
+
+def prompt_means(samples: list[Sample]) -> dict[str, float]:
+    """Prompt id -> mean reward of its scored samples (a prompt with none is left out)."""
+    by_prompt: dict[str, list[float]] = defaultdict(list)
+    for sample in samples:
+        if sample.reward is not None and sample.scored:
+            by_prompt[sample.prompt_id].append(sample.reward)
+    return {prompt: statistics.fmean(rewards) for prompt, rewards in by_prompt.items()}
 
 
 class RaftSampler:

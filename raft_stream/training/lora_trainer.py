@@ -275,18 +275,22 @@ class LoRATrainer:
             "has_old": has_old.to(self.device),
         }
 
-    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(loss to optimise, mean NLL of the response tokens, tokens clipped) of a batch."""
+    def _target_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_theta(y_t) of each next token of a collated batch (0 where masked) and
+        the mask of the response tokens, both (batch, length - 1)."""
         logits = self.model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits[:, :-1]
         targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        n_targets = mask.sum().clamp(min=1)
-        # log pi_theta(y_t) of each target token; 0 where masked (ignore_index).
         logprobs = -torch.nn.functional.cross_entropy(
             logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )
+        return logprobs, targets != IGNORE_INDEX
+
+    def _losses(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(loss to optimise, mean NLL of the response tokens, tokens clipped) of a batch."""
+        logprobs, mask = self._target_logprobs(batch)
+        n_targets = mask.sum().clamp(min=1)
         nll = -logprobs.sum() / n_targets
         if self.cfg.loss_type == "sft":
             return nll, nll.detach(), 0
@@ -387,19 +391,10 @@ class LoRATrainer:
         ]
         out = []
         for start in range(0, len(examples), self.cfg.batch_size):
-            batch = self._collate(examples[start : start + self.cfg.batch_size])
-            logits = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits[:, :-1]
-            targets = batch["labels"][:, 1:]
-            picked = -torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2),
-                targets,
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
+            logprobs, masks = self._target_logprobs(
+                self._collate(examples[start : start + self.cfg.batch_size])
             )
-            masks = targets != IGNORE_INDEX
-            out += [row[mask].tolist() for row, mask in zip(picked, masks, strict=True)]
+            out += [row[mask].tolist() for row, mask in zip(logprobs, masks, strict=True)]
         return out
 
     def _step(self) -> None:

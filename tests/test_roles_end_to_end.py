@@ -721,7 +721,13 @@ def test_a_pinned_version_is_served_and_newer_announcements_wait(
         kafka_config(),
         tmp_path / "state",
         tiny_model_dir,
-        **{"store.root": str(store.root), "store.pinned_version": 1},
+        **{
+            "store.root": str(store.root),
+            "store.pinned_version": 1,
+            # Every sample comes back, kept or not: a prompt whose K samples the random
+            # test adapter makes all too short would otherwise never show up.
+            "kafka.publish_rejected": True,
+        },
     )
     ensure_topics(cfg.kafka, [cfg.kafka.topics.adapters])
     with StreamProducer(cfg.kafka) as producer:  # the rollback target is not the newest

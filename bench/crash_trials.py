@@ -85,11 +85,13 @@ def daemon_config(
 
 
 class DaemonProcess:
-    """``raft-stream run`` in a process group of its own, logging JSON lines to a file."""
+    """``raft-stream run`` (or another daemon ``command``: ``generator``, ``trainer``) in a
+    process group of its own, logging JSON lines to a file."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
+    def __init__(self, config_path: Path, log_path: Path, command: str = "run") -> None:
         self.config_path = config_path
         self.log_path = log_path
+        self.command = command
         self.process: subprocess.Popen[bytes] | None = None
         self._log_start = 0
 
@@ -98,7 +100,10 @@ class DaemonProcess:
         env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "raft_stream.cli", "run", "--config", str(self.config_path)],
+                [
+                    *(sys.executable, "-m", "raft_stream.cli", self.command),
+                    *("--config", str(self.config_path)),
+                ],
                 cwd=ROOT,
                 env=env,
                 stdout=log,

@@ -103,7 +103,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from raft_stream.streaming_demo import run_streaming_demo
 
     run_streaming_demo(
-        args.output_dir, args.stream_prompts, args.minutes * 60, Console(), args.model
+        args.output_dir,
+        args.stream_prompts,
+        args.minutes * 60,
+        Console(),
+        args.model,
+        gate=not args.no_gate,
     )
     return 0
 
@@ -229,19 +234,78 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
     from rich.console import Console
 
-    from raft_stream.gate import adapter_table
-    from raft_stream.roles.adapters import adapter_store_root
+    from raft_stream.adapter_listing import actions_table, adapter_table
+    from raft_stream.roles.adapters import AdapterTrust, adapter_store_root, read_ledger
+    from raft_stream.serving import ServingLedger
     from raft_stream.training.store import AdapterStore
 
-    config = _config_from(args, {})
+    config = _client_config(args)
     root = adapter_store_root(config)
     if not root.exists():
         raise RaftStreamError(f"no adapter store at {root}; check store.root or daemon.state_dir")
+    console = Console()
+    ledger: ServingLedger | None = None
+    if not args.store_only:
+        try:
+            ledger = read_ledger(config.kafka, AdapterTrust.from_config(config), args.timeout)
+        except KafkaError as err:
+            console.print(
+                f"[yellow]the adapters topic is not readable at "
+                f"{config.kafka.bootstrap_servers} ({type(err).__name__}: {err}); showing the "
+                "store alone (what serves follows the topic)[/yellow]"
+            )
     with AdapterStore(root, base_model=config.model.name_or_path, readonly=True) as store:
-        Console().print(adapter_table(store, config.store.pinned_version))
+        console.print(adapter_table(store, config.store.pinned_version, ledger))
+    if ledger is not None and ledger.actions:
+        console.print(actions_table(ledger))
     return 0
+
+
+def cmd_adapters_act(args: argparse.Namespace) -> int:
+    """promote, rollback, pin, unpin: one signed action on the adapters topic."""
+    from raft_stream.roles.adapters import AdapterTrust, read_ledger, send_action
+    from raft_stream.serving import plan_action
+    from raft_stream.stream.kafka import StreamProducer
+
+    config = _client_config(args)
+    trust = AdapterTrust.from_config(config)
+    lineage = trust.lineage()
+    if lineage is None:
+        raise RaftStreamError(
+            f"no lineage to act on: no {trust.store_root}/lineage and adapters.lineage is "
+            "unset; point store.root (or daemon.state_dir) at the trainer's store"
+        )
+    ledger = read_ledger(config.kafka, trust, args.timeout)
+    action = plan_action(
+        ledger,
+        args.adapters_command,
+        getattr(args, "version", None),
+        lineage=lineage,
+        by=operator_identity(),
+        reason=args.reason,
+    )
+    kafka = config.kafka
+    with StreamProducer(kafka) as producer:
+        send_action(producer, kafka.topics.adapters, action, kafka.delivery_timeout_s, trust.key)
+    ledger.apply(action)
+    what = " ".join(str(x) for x in (action.action, action.version) if x is not None)
+    print(f"sent '{what}' as {action.by}: every replica now serves v{ledger.target()}")
+    return 0
+
+
+def operator_identity() -> str:
+    """``user@host`` of whoever runs the command (``uid<N>`` without a user name)."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
 
 
 def cmd_probe_engine(args: argparse.Namespace) -> int:
@@ -301,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="demo",
         help="streaming: SmolLM2-135M-Instruct, or the tiny test model (about 2 minutes)",
     )
+    demo.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="streaming: serve every new version, without the promotion gate's canary run",
+    )
     demo.set_defaults(func=cmd_demo)
 
     config = sub.add_parser("config", help="print the effective config, or every field")
@@ -355,13 +424,39 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--idle-timeout", type=float, help="stop after this many quiet seconds")
     tail.set_defaults(func=cmd_tail)
 
-    adapters = sub.add_parser("adapters", help="the adapter store's versions")
+    adapters = sub.add_parser(
+        "adapters", help="the adapter versions: list them; promote, roll back, pin, unpin"
+    )
     adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
     listing = adapters_sub.add_parser(
         "list", help="versions, promotion-gate verdicts and canary figures; which one serves"
     )
     _add_config_args(listing)
+    listing.add_argument("--store-only", action="store_true", help="do not read the adapters topic")
+    listing.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to read the adapters topic"
+    )
     listing.set_defaults(func=cmd_adapters_list)
+    actions = {
+        "promote": "let version V serve even though the gate rejected or a rollback "
+        "withdrew it (it serves when it is the newest servable one)",
+        "rollback": "serve version V again (default: the one before the serving one) on "
+        "every replica; the versions after it are withdrawn",
+        "pin": "serve exactly version V on every replica until unpin (0: the base model)",
+        "unpin": "follow the newest servable version again",
+    }
+    for name, summary in actions.items():
+        act = adapters_sub.add_parser(name, help=summary, description=summary)
+        _add_config_args(act)
+        if name in ("promote", "pin"):
+            act.add_argument("version", type=int)
+        elif name == "rollback":
+            act.add_argument("version", type=int, nargs="?")
+        act.add_argument("--reason", default="", help="recorded with the action")
+        act.add_argument(
+            "--timeout", type=float, default=5.0, help="seconds to read the adapters topic"
+        )
+        act.set_defaults(func=cmd_adapters_act)
 
     probe = sub.add_parser(
         "probe-engine",

@@ -447,7 +447,19 @@ class GateConfig(_Section):
     canary_prompts: Path | None = None
     """JSONL file of held-out canary prompts ({"id", "prompt"} per line; keep them out of
     the training prompts). Each new adapter version is sampled on them and judged before
-    any generator serves it. None: no gate, every stored version is served."""
+    any generator serves it. None (and no ``canary_share``): no gate, every stored version
+    is served."""
+
+    canary_share: float = Field(0.0, ge=0.0, le=0.5)
+    """Streaming, instead of ``canary_prompts``: the share of the prompt stream set aside as
+    canary prompts by a stable hash of the prompt id (``gate.is_canary``): the trainer
+    never trains on their samples and collects the first ``canary_stream_prompts`` of them
+    as the canary set. 0: off."""
+
+    canary_stream_prompts: int = Field(16, ge=2, le=1024)
+    """With ``canary_share``: the size of the canary set. It is fixed once complete (kept
+    in ``daemon.state_dir/canary_prompts.jsonl`` across restarts, so every version is
+    judged on the same prompts), and training rounds wait until it is."""
 
     samples_per_prompt: int = Field(4, ge=1, le=64)
     """Responses sampled per canary prompt and version."""
@@ -468,6 +480,24 @@ class GateConfig(_Section):
     """Promote only when the candidate's KL divergence from the base model on its canary
     responses is at most this, in nats per response token (estimated as the mean of
     log pi_candidate - log pi_base over the sampled tokens). None: no bound."""
+
+    rollback_samples: int | None = Field(64, ge=2)
+    """Live rollback: each generator compares the live rewards of the version it serves
+    with those of the version served before, over windows of this many rewards, and rolls
+    the new one back on every replica when it regressed (``rollback_margin``). None: off."""
+
+    rollback_margin: float = Field(0.05, ge=0.0, allow_inf_nan=False)
+    """Live rollback: the drop in mean live reward (reward units) that counts as a
+    regression, at 95% confidence (Welch's t over the two windows)."""
+
+    @model_validator(mode="after")
+    def _one_canary_source(self) -> GateConfig:
+        if self.canary_prompts is not None and self.canary_share > 0:
+            raise ValueError(
+                f"gate.canary_prompts ({self.canary_prompts}) and gate.canary_share "
+                f"({self.canary_share}) both choose the canary prompts; set one of them"
+            )
+        return self
 
 
 class OfflineConfig(_Section):

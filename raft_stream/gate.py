@@ -21,17 +21,16 @@ measured once per trainer start.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
-import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Final
 
-from rich.table import Table
-
 from raft_stream.config import GateConfig, RaftConfig, RankingConfig, SamplingConfig
-from raft_stream.data.prompts import read_prompts_jsonl
+from raft_stream.data.prompts import read_prompts_jsonl, write_prompts_jsonl
 from raft_stream.errors import ConfigError
 from raft_stream.generation.base import SamplingParams
 from raft_stream.generation.hf_backend import TransformersGenerator
@@ -41,16 +40,17 @@ from raft_stream.raft import RaftSampler, prompt_means
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.textstats import distinct_n
 from raft_stream.training.lora_trainer import LoRATrainer
-from raft_stream.training.store import AdapterStore
 from raft_stream.types import PromptRecord, Sample
 
 __all__ = [
+    "CanaryCollector",
     "CanaryFigures",
     "CanaryJudge",
     "Verdict",
-    "adapter_table",
     "build_judge",
     "decide",
+    "is_canary",
+    "judge_on",
 ]
 
 _PREFIX: Final = "canary_"
@@ -221,7 +221,7 @@ def _kl_from_base(trainer: LoRATrainer, samples: list[Sample]) -> float:
 
 
 def build_judge(cfg: RaftConfig, model_path: str, reward: SafeReward) -> CanaryJudge | None:
-    """The configured gate's judge (None without ``gate.canary_prompts``). Raises
+    """The configured gate's judge on ``gate.canary_prompts`` (None without). Raises
     ConfigError when the canary file cannot be read or holds no prompt."""
     path = cfg.gate.canary_prompts
     if path is None:
@@ -232,31 +232,64 @@ def build_judge(cfg: RaftConfig, model_path: str, reward: SafeReward) -> CanaryJ
         raise ConfigError(f"gate.canary_prompts ({path}) cannot be read: {err}") from None
     if not records:
         raise ConfigError(f"gate.canary_prompts ({path}) holds no prompt; add some or unset it")
+    return judge_on(cfg, model_path, reward, records)
+
+
+def judge_on(
+    cfg: RaftConfig, model_path: str, reward: SafeReward, records: list[PromptRecord]
+) -> CanaryJudge:
+    """A judge on these canary prompts, formatted for the model at ``model_path``."""
     formatter = PromptFormatter.from_model(model_path, cfg.model)
     prompts = [formatter.format(record) for record in records]
     return CanaryJudge(cfg.gate, prompts, reward, cfg.generation.sampling)
 
 
-def adapter_table(store: AdapterStore, pinned: int | None = None) -> Table:
-    """The store's versions, newest first: verdict, canary figures, loss, and which one
-    serves (the pinned version, else ``latest``)."""
-    latest = store.latest()
-    serving = pinned if pinned is not None else (latest.version if latest else 0)
-    table = Table(title=f"adapter versions in {store.root}")
-    for column in ("version", "verdict", "canary reward", "distinct-2", "KL", "loss", "stored"):
-        table.add_column(column, justify="right")
-    for version in reversed(store.versions()):
-        adapter = store.get(version)
-        figures = CanaryFigures.from_metrics(adapter.metrics)
-        marker = " (serving)" if version == serving else ""
-        table.add_row(
-            f"v{version}{marker}",
-            adapter.verdict or "-",
-            f"{figures.reward_mean:.3f} ± {figures.reward_ci95:.3f}" if figures else "-",
-            f"{figures.distinct_2:.3f}" if figures else "-",
-            f"{figures.kl:.3f}" if figures else "-",
-            f"{adapter.metrics['loss']:.3f}" if "loss" in adapter.metrics else "-",
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(adapter.created_at)),
-        )
-    table.caption = f"serving v{serving}" + (" (pinned)" if pinned is not None else "")
-    return table
+def is_canary(prompt_id: str, share: float) -> bool:
+    """Whether a prompt belongs to the canary share of the stream (``gate.canary_share``):
+    the first 8 bytes of SHA-256 of its id, as a fraction of 2**64, below ``share``. The
+    same answer in every process and across restarts, so a canary prompt is never
+    trained on, however often it is redelivered."""
+    if share <= 0:
+        return False
+    digest = hashlib.sha256(prompt_id.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
+class CanaryCollector:
+    """The canary set taken from the stream (``gate.canary_share``): the first ``size``
+    distinct canary prompts the trainer sees, then fixed, and kept in ``path`` (a prompt
+    file) so a restarted trainer judges on the same prompts."""
+
+    def __init__(self, path: Path, size: int, sampling: SamplingConfig) -> None:
+        self.path = path
+        self.size = size
+        self.prompts: dict[str, PromptRecord] = {}
+        if path.exists():
+            try:
+                records = read_prompts_jsonl(path, sampling)
+            except (OSError, ValueError) as err:
+                raise ConfigError(
+                    f"the canary set {path} cannot be read ({err}); delete it to collect a "
+                    "new one from the stream (versions judged so far were judged on the old)"
+                ) from None
+            self.prompts = {r.id: r for r in records[:size]}
+
+    @property
+    def complete(self) -> bool:
+        return len(self.prompts) >= self.size
+
+    def offer(self, samples: Iterable[Sample]) -> bool:
+        """Take the prompts of canary samples until the set is complete; True when this
+        call completed it (and wrote it to ``path``)."""
+        if self.complete:
+            return False
+        for sample in samples:
+            if len(self.prompts) < self.size and sample.prompt_id not in self.prompts:
+                self.prompts[sample.prompt_id] = PromptRecord(sample.prompt_id, sample.prompt)
+        if not self.complete:
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        write_prompts_jsonl(self.prompts.values(), partial)
+        partial.replace(self.path)
+        return True

@@ -37,6 +37,7 @@ import raft_stream
 from raft_stream import reasons as codes
 from raft_stream.generation.engine_process import ENGINE_DEATH_SIGNALS
 from raft_stream.roles.adapters import REFUSAL_REASONS
+from raft_stream.stream.schema import ACTIONS, TRIGGERS
 from raft_stream.textstats import distinct_n
 
 if TYPE_CHECKING:
@@ -297,6 +298,13 @@ class RaftMetrics:
             buckets=SWAP_BUCKETS,
             **kw,
         )
+        self.adapter_actions_total = Counter(
+            "adapter_actions",
+            "Actions on the served adapter version this replica followed (promote, rollback, "
+            "pin, unpin), by who decided: an operator or a generator's live rollback.",
+            ["action", "trigger"],
+            **kw,
+        )
         self.adapter_load_failures_total = Counter(
             "adapter_load_failures",
             "Announced adapter versions refused (untrusted, unverifiable or unloadable), by "
@@ -341,6 +349,9 @@ class RaftMetrics:
             self.gate_verdicts_total.labels(verdict=verdict, criterion=criterion)
         for source in ("sampled", "text"):
             self.training_samples_total.labels(tokens=source)
+        for action in ACTIONS:
+            for trigger in TRIGGERS:
+                self.adapter_actions_total.labels(action=action, trigger=trigger)
 
         self._lock = threading.Lock()
         self._slots = {"current": _RunningMean(), "previous": _RunningMean()}
@@ -391,6 +402,11 @@ class RaftMetrics:
         self.engine_deaths_total.labels(
             signal=signal if signal in ENGINE_DEATH_SIGNALS else "unknown"
         ).inc()
+
+    def count_adapter_action(self, action: str, trigger: str) -> None:
+        """Count an adapter action followed (``action`` of ACTIONS, ``trigger`` of
+        TRIGGERS, as the decoder guarantees)."""
+        self.adapter_actions_total.labels(action=action, trigger=trigger).inc()
 
     def count_adapter_load_failure(self, reason: str) -> None:
         """Count an adapter that failed to load; an unknown reason counts as ``other``."""

@@ -18,7 +18,7 @@ from rich.table import Table
 from raft_stream.config import RaftConfig, SamplingConfig
 from raft_stream.data.models import resolve_model
 from raft_stream.data.prompts import read_prompts_jsonl
-from raft_stream.gate import CanaryFigures, build_judge
+from raft_stream.gate import CanaryFigures, CanaryJudge, build_judge, is_canary
 from raft_stream.generation.base import Generator, SamplingParams, build_generator
 from raft_stream.learning_health import HeldOutGain, LearningHealth, held_out_gain
 from raft_stream.plotting import plot_learning_curve
@@ -127,6 +127,23 @@ def _log_skipped(prompts: list[PromptRecord], failed: list[tuple[int, str]], wha
         )
 
 
+def _set_canaries_aside(
+    prompts: list[PromptRecord], cfg: RaftConfig
+) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(training prompts, canary prompts): ``gate.canary_share`` of ``offline.prompts`` by
+    the stable hash of their ids (``gate.is_canary``, as in streaming), never trained on;
+    the first ``gate.canary_stream_prompts`` of them judge each iteration."""
+    share = cfg.gate.canary_share
+    canary = [p for p in prompts if is_canary(p.id, share)]
+    train = [p for p in prompts if not is_canary(p.id, share)]
+    if not canary or not train:
+        raise ValueError(
+            f"gate.canary_share {share} sets aside {len(canary)} of the {len(prompts)} prompts "
+            "of offline.prompts; choose a share that leaves some on each side"
+        )
+    return train, canary[: cfg.gate.canary_stream_prompts]
+
+
 def _load_prompts(
     path: Path | None, formatter: PromptFormatter, what: str, sampling: SamplingConfig
 ) -> list[PromptRecord]:
@@ -224,6 +241,9 @@ def run_offline(
     store = AdapterStore(out / "adapters", base_model=model_path, keep_last=cfg.store.keep_last)
     trainer = LoRATrainer(model_path, cfg.training, trust_remote_code=cfg.model.trust_remote_code)
     judge = build_judge(cfg, model_path, reward)
+    if cfg.gate.canary_share > 0:
+        train_prompts, canary = _set_canaries_aside(train_prompts, cfg)
+        judge = CanaryJudge(cfg.gate, canary, reward, cfg.generation.sampling)
     report = OfflineReport(output_dir=out)
     health = LearningHealth(cfg.training.stall_rounds)
     adapter: AdapterVersion | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
     from raft_stream.offline import OfflineReport
+    from raft_stream.streaming_demo import StreamWatch
 
 
 def plot_learning_curve(report: OfflineReport, path: Path) -> None:
@@ -37,6 +39,50 @@ def plot_learning_curve(report: OfflineReport, path: Path) -> None:
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
     fig.suptitle("RAFT learning curve")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# How the streaming demo's plot marks an announced version, by verdict: (label, colour,
+# line style).
+_ANNOUNCED_STYLE = {
+    "promoted": ("promoted version", "tab:green", "-"),
+    "rejected": ("rejected version", "tab:red", "--"),
+    None: ("new version (no gate)", "tab:green", ":"),
+}
+
+
+def plot_stream_reward(watch: StreamWatch, path: Path, window: int = 16) -> None:
+    """The streaming demo's plot: mean reward of each prompt's K samples against prompts
+    seen, a running mean over ``window`` prompts, and a vertical line where each adapter
+    version was announced, styled by the promotion gate's verdict."""
+    prompts = watch.per_prompt()
+    seen = range(1, len(prompts) + 1)
+    means = [m for _, m in prompts]
+    running = [statistics.fmean(means[max(0, i - window + 1) : i + 1]) for i in range(len(means))]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.scatter(seen, means, s=8, alpha=0.35, color="gray", label="prompt (mean of K samples)")
+    ax.plot(seen, running, color="tab:blue", linewidth=2, label=f"mean of last {window} prompts")
+    labelled: set[str | None] = set()
+    for version, announced in sorted(watch.announced.items()):
+        label, color, style = _ANNOUNCED_STYLE.get(announced.verdict, _ANNOUNCED_STYLE[None])
+        x = max(announced.prompts_seen, 0.5)  # one announced before any prompt: at the axis
+        ax.axvline(
+            x,
+            color=color,
+            alpha=0.6,
+            linestyle=style,
+            label=None if announced.verdict in labelled else label,
+        )
+        labelled.add(announced.verdict)
+        ax.text(x, 1.02, f"v{version}", fontsize=7, color=color)
+    ax.set_xlabel("prompts seen")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-1.05, 1.1)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("raft-stream: reward while learning online (lines: adapter versions announced)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

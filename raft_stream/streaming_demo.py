@@ -1,9 +1,14 @@
 """The README's main command: the streaming demo on the embedded default.
 
 Starts the embedded broker, runs the all-in-one daemon (``raft-stream run``) as a child
-process the way a user would, feeds it the demo prompts, watches the samples topic live
-(prompts done, adapter version, mean reward) and ends with a plot of reward against
-prompts seen.
+process the way a user would, feeds it the demo prompts, watches the samples and adapters
+topics live (prompts done; per adapter version: the promotion gate's verdict, its canary
+figures, the samples it served and their mean reward) and ends with a plot of reward
+against prompts seen that marks each version where it was announced, promoted or rejected.
+
+The promotion gate (``raft_stream/gate.py``) is on unless ``gate=False``
+(``raft-stream demo --no-gate``): its canary prompts are held-out demo prompts, none of
+them among those streamed, written to ``canary_prompts.jsonl`` in the output folder.
 """
 
 from __future__ import annotations
@@ -33,12 +38,23 @@ from raft_stream.data.prompts import write_prompts_jsonl
 from raft_stream.data.reviews import demo_prompts
 from raft_stream.data.tiny_model import tiny_prompts
 from raft_stream.demo import DEMO_OVERRIDES
+from raft_stream.gate import CanaryFigures
+from raft_stream.plotting import plot_stream_reward
 from raft_stream.presets import MODEL_PRESETS, ModelPreset
 from raft_stream.stream.broker import EmbeddedBroker
-from raft_stream.stream.kafka import JsonConsumer, ensure_topics
-from raft_stream.stream.schema import decode_sample
+from raft_stream.stream.kafka import JsonConsumer, adapter_reader, ensure_topics
+from raft_stream.stream.schema import AdapterAction, AdapterAnnouncement, decode_sample
 from raft_stream.stream.tools import produce_file
 from raft_stream.types import PromptRecord, Sample
+
+__all__ = [
+    "DEMO_MODELS",
+    "Announced",
+    "StreamWatch",
+    "run_streaming_demo",
+]
+
+log = logging.getLogger(__name__)
 
 # Sized for a 2-core CPU, where vLLM's worker gets one core and training the other
 # (raft_stream/roles/cpu_split.py). Measured there on SmolLM2-135M: vLLM samples ~55
@@ -60,6 +76,15 @@ STREAM_OVERRIDES = {
     "daemon.grace_period_s": 60,
 }
 
+# The gate on SmolLM2, kept cheap: judging a version runs in the trainer after its round,
+# on the training core, so it delays the next version. bench/gate.py measured 58 s to judge
+# one version on 16 canary prompts x 4 responses (and 29 s for the base model's run, once
+# per trainer start) against a 24 s training round on the 2-core CPU. 8 prompts x 2
+# responses samples a quarter of those responses, each cut at the demo's 32 tokens (the
+# bench's averaged 45). The demo's pace with and without it: bench/demo_pace.py.
+DEMO_CANARY_PROMPTS = 8
+DEMO_GATE_OVERRIDES = {"gate.samples_per_prompt": 2}
+
 # The tiny test model: the same run in about two minutes (for the tests and a quick look).
 # Its preset is sized for offline iterations of 64 prompts; a streaming round trains on
 # one batch of 32 samples, which learns visibly with 16 steps at twice the LoRA scale
@@ -78,6 +103,11 @@ TINY_STREAM_OVERRIDES = {
     "daemon.grace_period_s": 20,
 }
 
+# On the tiny model the gate's own sizing (16 canary prompts x gate.samples_per_prompt 4)
+# costs 0.3 s per version (bench/gate.py): nothing to save, and fewer responses would make
+# its verdicts noisier.
+TINY_CANARY_PROMPTS = 16
+
 
 def _cycled(records: list[PromptRecord], n: int) -> list[PromptRecord]:
     """``n`` prompts from ``records``, repeated with fresh ids where there are too few."""
@@ -88,31 +118,60 @@ def _cycled(records: list[PromptRecord], n: int) -> list[PromptRecord]:
 @dataclass(frozen=True)
 class DemoModel:
     """A model the demo can stream with: the built-in model, its prompts, the run's own
-    settings (over the model's preset)."""
+    settings (over the model's preset), and the promotion gate's canary prompts (from the
+    held-out split, so never among ``prompts``) and settings."""
 
     preset: ModelPreset
     prompts: Callable[[int], list[PromptRecord]]
     overrides: dict[str, Any]
+    canary: Callable[[], list[PromptRecord]]
+    gate_overrides: dict[str, Any]
 
 
 DEMO_MODELS = {
-    "demo": DemoModel(MODEL_PRESETS["demo"], lambda n: demo_prompts("train", n), STREAM_OVERRIDES),
+    "demo": DemoModel(
+        MODEL_PRESETS["demo"],
+        lambda n: demo_prompts("train", n),
+        STREAM_OVERRIDES,
+        lambda: demo_prompts("eval", DEMO_CANARY_PROMPTS),
+        DEMO_GATE_OVERRIDES,
+    ),
     "tiny": DemoModel(
         MODEL_PRESETS["tiny"],
         lambda n: _cycled(tiny_prompts("train"), n),
         TINY_STREAM_OVERRIDES,
+        lambda: tiny_prompts("eval", TINY_CANARY_PROMPTS),
+        {},
     ),
 }
 
 
+@dataclass(frozen=True)
+class Announced:
+    """An adapter version as the adapters topic announced it."""
+
+    version: int
+    verdict: str | None
+    """``promoted`` or ``rejected``; None where no gate judged it."""
+    canary: CanaryFigures | None
+    """Its canary figures; None where no gate judged it."""
+    prompts_seen: int
+    """Prompts with a scored sample when the demo read the announcement (where the plot
+    marks it)."""
+
+
 @dataclass
 class StreamWatch:
-    """What the samples topic has shown so far."""
+    """What the samples and adapters topics have shown so far."""
 
     total_prompts: int
     prompts_done: set[str] = field(default_factory=set)
     rewards: list[tuple[str, int, float]] = field(default_factory=list)  # (prompt, version, r)
     by_version: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    announced: dict[int, Announced] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    """Seconds from feeding the prompts to the end of the watch."""
+    _scored_prompts: set[str] = field(default_factory=set, init=False, repr=False)
 
     def add(self, sample: Sample) -> None:
         self.prompts_done.add(sample.prompt_id)
@@ -120,10 +179,30 @@ class StreamWatch:
             reward = sample.reward
             self.rewards.append((sample.prompt_id, sample.adapter_version, reward))
             self.by_version[sample.adapter_version].append(reward)
+            self._scored_prompts.add(sample.prompt_id)
+
+    def announce(self, announcement: AdapterAnnouncement) -> None:
+        """Record a version's verdict and canary figures where it was first announced (a
+        trainer announces its latest version again when it starts)."""
+        if announcement.version not in self.announced:
+            self.announced[announcement.version] = Announced(
+                announcement.version,
+                announcement.verdict,
+                CanaryFigures.from_metrics(announcement.metrics),
+                len(self._scored_prompts),
+            )
 
     @property
     def version(self) -> int:
         return max(self.by_version, default=0)
+
+    def versions(self) -> list[int]:
+        """Versions that served samples or were announced, base model (0) included."""
+        return sorted({0, *self.by_version, *self.announced})
+
+    def verdicts(self, verdict: str) -> list[int]:
+        """The announced versions with this verdict."""
+        return [v for v, a in sorted(self.announced.items()) if a.verdict == verdict]
 
     def per_prompt(self) -> list[tuple[int, float]]:
         """(adapter version, mean reward of its K samples) per prompt, in arrival order."""
@@ -136,20 +215,60 @@ class StreamWatch:
 
     def table(self, elapsed_s: float) -> Table:
         table = Table(title=f"raft-stream demo — {elapsed_s:.0f} s")
-        table.add_column("adapter", justify="right")
-        table.add_column("samples", justify="right")
+        for column in ("adapter", "verdict", "canary reward", "distinct-2", "samples"):
+            table.add_column(column, justify="right")
         table.add_column("mean reward", justify="right")
-        for version in sorted(self.by_version):
-            values = self.by_version[version]
-            table.add_row(f"v{version}", str(len(values)), f"{statistics.fmean(values):+.3f}")
+        for version in self.versions():
+            announced = self.announced.get(version)
+            canary = announced.canary if announced else None
+            values = self.by_version.get(version, [])
+            table.add_row(
+                f"v{version}",
+                (announced.verdict if announced else None) or "—",
+                f"{canary.reward_mean:+.3f}" if canary else "—",
+                f"{canary.distinct_2:.3f}" if canary else "—",
+                str(len(values)),
+                f"{statistics.fmean(values):+.3f}" if values else "—",
+            )
         table.caption = f"prompts done {len(self.prompts_done)}/{self.total_prompts}"
+        if self.announced:
+            promoted, rejected = len(self.verdicts("promoted")), len(self.verdicts("rejected"))
+            table.caption += f"; gate: {promoted} promoted, {rejected} rejected"
         return table
 
+    def summary(self) -> dict[str, Any]:
+        """What ``summary.json`` holds: prompts done, reward per served version and per
+        prompt, and each announced version's verdict and canary figures."""
+        by_version = sorted(self.by_version.items())
+        return {
+            "prompts_done": len(self.prompts_done),
+            "elapsed_s": self.elapsed_s,
+            "adapter_versions": [v for v, _ in by_version],
+            "mean_reward_by_version": {f"v{v}": statistics.fmean(r) for v, r in by_version},
+            "samples_by_version": {f"v{v}": len(r) for v, r in by_version},
+            "announced": [
+                {
+                    "version": a.version,
+                    "verdict": a.verdict,
+                    "prompts_seen": a.prompts_seen,
+                    "canary": a.canary.as_metrics() if a.canary else None,
+                }
+                for _, a in sorted(self.announced.items())
+            ],
+            "promoted": self.verdicts("promoted"),
+            "rejected": self.verdicts("rejected"),
+            "per_prompt": [{"adapter_version": v, "mean_reward": m} for v, m in self.per_prompt()],
+        }
 
-def _daemon_config(model: DemoModel, out: Path, kafka_bootstrap: str) -> RaftConfig:
+
+def _daemon_config(
+    model: DemoModel, out: Path, kafka_bootstrap: str, canary: Path | None
+) -> RaftConfig:
+    gate = {"gate.canary_prompts": str(canary), **model.gate_overrides} if canary else {}
     return load_config(
         overrides={
             **model.overrides,
+            **gate,
             "kafka.bootstrap_servers": kafka_bootstrap,
             "daemon.state_dir": str(out / "state"),
             "store.root": str(out / "state" / "adapters"),
@@ -157,57 +276,31 @@ def _daemon_config(model: DemoModel, out: Path, kafka_bootstrap: str) -> RaftCon
     )
 
 
-def plot_stream(watch: StreamWatch, path: Path, window: int = 16) -> None:
-    """Mean reward of each prompt's K samples against prompts seen, a running mean over
-    ``window`` prompts, and where each adapter version started serving."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prompts = watch.per_prompt()
-    seen = range(1, len(prompts) + 1)
-    means = [m for _, m in prompts]
-    running = [statistics.fmean(means[max(0, i - window + 1) : i + 1]) for i in range(len(means))]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.scatter(seen, means, s=8, alpha=0.35, color="gray", label="prompt (mean of K samples)")
-    ax.plot(seen, running, color="tab:blue", linewidth=2, label=f"mean of last {window} prompts")
-    started: dict[int, int] = {}
-    for index, (version, _) in enumerate(prompts, start=1):
-        started.setdefault(version, index)
-    for version, index in started.items():
-        if version:
-            ax.axvline(index, color="tab:green", alpha=0.4, linestyle="--")
-            ax.text(index, 1.02, f"v{version}", fontsize=7, color="tab:green")
-    ax.set_xlabel("prompts seen")
-    ax.set_ylabel("reward")
-    ax.set_ylim(-1.05, 1.1)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("raft-stream: reward while learning online (dashed: new adapter served)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def run_streaming_demo(
-    out: Path, prompts: int, budget_s: float, console: Console, model: str = "demo"
+    out: Path,
+    prompts: int,
+    budget_s: float,
+    console: Console,
+    model: str = "demo",
+    gate: bool = True,
 ) -> StreamWatch:
-    """Run the demo; returns what it saw. Writes reward.png and summary.json into ``out``."""
+    """Run the demo, with the promotion gate unless ``gate`` is False; returns what it
+    saw. Writes reward.png and summary.json into ``out``."""
     # SIGTERM (a closed terminal, a CI timeout) stops the demo as Ctrl-C does: the daemon
     # drains and the broker stops instead of both being left behind.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _run(DEMO_MODELS[model], out, prompts, budget_s, console)
+        return _run(DEMO_MODELS[model], out, prompts, budget_s, console, gate)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
 def _run(
-    demo: DemoModel, out: Path, prompts: int, budget_s: float, console: Console
+    demo: DemoModel, out: Path, prompts: int, budget_s: float, console: Console, gate: bool
 ) -> StreamWatch:
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("kafka").setLevel(logging.WARNING)  # keep the live view readable
@@ -215,56 +308,85 @@ def _run(
     demo.preset.ensure()
     prompts_file = out / "prompts.jsonl"
     write_prompts_jsonl(demo.prompts(prompts), prompts_file)
+    canary = demo.canary() if gate else []
+    canary_file = out / "canary_prompts.jsonl" if gate else None
+    if canary_file is not None:
+        write_prompts_jsonl(canary, canary_file)
     console.print("[bold]2/4[/] embedded broker ...")
     with EmbeddedBroker(log_path=out / "broker.log") as broker:
-        cfg = _daemon_config(demo, out, broker.bootstrap)
+        cfg = _daemon_config(demo, out, broker.bootstrap, canary_file)
         config_path = out / "daemon.yaml"
         config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         kafka: KafkaConfig = cfg.kafka
         ensure_topics(kafka, [kafka.topics.prompts, kafka.topics.samples, kafka.topics.adapters])
-        console.print(f"[bold]3/4[/] all-in-one daemon (config {config_path}) ...")
-        log = (out / "daemon.log").open("wb")
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "raft_stream.cli", "run", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        gate_note = (
+            f"promotion gate: {canary_file} x {cfg.gate.samples_per_prompt} responses"
+            if canary_file
+            else "no promotion gate"
         )
-        try:
-            produce_file(kafka, prompts_file)
-            console.print(f"[bold]4/4[/] fed {prompts} prompts; learning (log: {out}/daemon.log)")
-            watch = _watch(kafka, prompts, budget_s, daemon, console)
-        finally:
-            daemon.send_signal(signal.SIGTERM)
+        console.print(f"[bold]3/4[/] all-in-one daemon (config {config_path}; {gate_note}) ...")
+        watch = StreamWatch(total_prompts=prompts)
+        with adapter_reader(kafka) as adapters:
+            log_file = (out / "daemon.log").open("wb")
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "raft_stream.cli", "run", "--config", str(config_path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
             try:
-                daemon.wait(timeout=cfg.daemon.grace_period_s + 30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-            log.close()
-    plot_stream(watch, out / "reward.png")
-    summary = {
-        "prompts_done": len(watch.prompts_done),
-        "adapter_versions": sorted(watch.by_version),
-        "mean_reward_by_version": {
-            f"v{v}": statistics.fmean(r) for v, r in sorted(watch.by_version.items())
-        },
-        "samples_by_version": {f"v{v}": len(r) for v, r in sorted(watch.by_version.items())},
-        "per_prompt": [{"adapter_version": v, "mean_reward": m} for v, m in watch.per_prompt()],
-    }
+                produce_file(kafka, prompts_file)
+                console.print(
+                    f"[bold]4/4[/] fed {prompts} prompts; learning (log: {out}/daemon.log)"
+                )
+                _watch(watch, kafka, adapters, budget_s, daemon, console)
+            finally:
+                daemon.send_signal(signal.SIGTERM)
+                try:
+                    daemon.wait(timeout=cfg.daemon.grace_period_s + 30)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
+                log_file.close()
+            # The versions the daemon stored and announced while draining.
+            while _read_adapters(watch, adapters, 1.0):
+                pass
+    plot_stream_reward(watch, out / "reward.png")
+    gate_summary = None
+    if canary_file is not None:
+        gate_summary = {
+            "canary_file": str(canary_file),
+            "canary_prompts": len(canary),
+            "samples_per_prompt": cfg.gate.samples_per_prompt,
+        }
+    summary = {"gate": gate_summary, **watch.summary()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    console.print(watch.table(0.0))
+    console.print(watch.table(watch.elapsed_s))
     console.print(f"plot: {out / 'reward.png'}   summary: {out / 'summary.json'}")
     return watch
 
 
+def _read_adapters(
+    watch: StreamWatch,
+    adapters: JsonConsumer[AdapterAnnouncement | AdapterAction],
+    timeout_s: float,
+) -> int:
+    """Records read from the adapters topic in one poll (actions and malformed messages
+    included: they are skipped)."""
+    batch = adapters.poll(timeout_s)
+    for record in batch.records:
+        if isinstance(record.value, AdapterAnnouncement):
+            watch.announce(record.value)
+    return len(batch)
+
+
 def _watch(
+    watch: StreamWatch,
     kafka: KafkaConfig,
-    prompts: int,
+    adapters: JsonConsumer[AdapterAnnouncement | AdapterAction],
     budget_s: float,
     daemon: subprocess.Popen[bytes],
     console: Console,
-) -> StreamWatch:
-    watch = StreamWatch(total_prompts=prompts)
+) -> None:
     started = time.monotonic()
     with (
         JsonConsumer(
@@ -272,11 +394,14 @@ def _watch(
         ) as samples,
         Live(watch.table(0), console=console, refresh_per_second=2) as live,
     ):
-        while len(watch.prompts_done) < prompts and time.monotonic() - started < budget_s:
+        while (
+            len(watch.prompts_done) < watch.total_prompts and time.monotonic() - started < budget_s
+        ):
             if daemon.poll() is not None:
                 console.print(f"[red]the daemon exited with {daemon.returncode}; see its log")
                 break
             for record in samples.poll(1.0).records:
                 watch.add(record.value)
+            _read_adapters(watch, adapters, 0.1)
             live.update(watch.table(time.monotonic() - started))
-    return watch
+    watch.elapsed_s = time.monotonic() - started

@@ -36,7 +36,14 @@ from raft_stream.roles.adapters import (
 from raft_stream.roles.generator import GeneratorRole
 from raft_stream.roles.lifecycle import Shutdown
 from raft_stream.stream.kafka import StreamProducer, ensure_topics
-from raft_stream.stream.schema import AdapterAnnouncement, decode_adapter, dumps
+from raft_stream.stream.schema import (
+    AdapterAction,
+    AdapterAnnouncement,
+    decode_adapter,
+    decode_adapters_message,
+    dumps,
+    encode_action,
+)
 from raft_stream.training.store import TRAINER_STATE, AdapterStore, adapter_sha256
 from raft_stream.types import AdapterVersion
 from tests.roles_support import RoleThread, role_config, wait_for
@@ -212,6 +219,27 @@ def test_the_signature_covers_the_canonical_announcement_not_its_json_spelling(
     reordered = json.dumps(dict(reversed(list(message.items()))), indent=2).encode()
     announcement = decode_adapter(reordered)
     assert announcement.signature == signature_of(announcement, KEY)
+
+
+def test_an_action_is_followed_only_when_signed_with_the_key_and_of_the_lineage(
+    store: AdapterStore,
+) -> None:
+    action = AdapterAction("rollback", 1, str(store.lineage), "ops@host", 5.0, from_version=2)
+    trust = AdapterTrust(store.root, BASE, key=KEY)
+    signed = dataclasses.replace(action, signature=signature_of(action, KEY))
+    trust.check(decode_adapters_message(dumps(encode_action(signed))))  # passes
+    for refused, reason in (
+        (action, "bad_signature"),  # unsigned
+        (dataclasses.replace(signed, version=0), "bad_signature"),  # tampered after signing
+        (dataclasses.replace(signed, signature=signature_of(action, b"x")), "bad_signature"),
+    ):
+        with pytest.raises(AdapterFetchError) as caught:
+            trust.check(refused)
+        assert caught.value.reason == reason
+    elsewhere = dataclasses.replace(action, lineage="another-store")
+    with pytest.raises(AdapterFetchError, match="another-store") as caught:
+        AdapterTrust(store.root, BASE).check(elsewhere)
+    assert caught.value.reason == "lineage_mismatch"
 
 
 def test_the_signing_key_file_must_be_readable_and_non_empty(tmp_path: Path) -> None:

@@ -16,15 +16,25 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
-from raft_stream.config import GateConfig, KafkaConfig, load_config
-from raft_stream.data.prompts import write_prompts_jsonl
+from raft_stream.config import GateConfig, KafkaConfig, SamplingConfig, load_config
+from raft_stream.data.prompts import read_prompts_jsonl, write_prompts_jsonl
 from raft_stream.data.tiny_model import tiny_prompts
-from raft_stream.gate import CanaryFigures, CanaryJudge, Verdict, build_judge, decide
+from raft_stream.errors import ConfigError
+from raft_stream.gate import (
+    CanaryCollector,
+    CanaryFigures,
+    CanaryJudge,
+    Verdict,
+    build_judge,
+    decide,
+    is_canary,
+)
 from raft_stream.generation.base import Generator, SamplingParams
 from raft_stream.generation.hf_backend import TransformersGenerator
 from raft_stream.metrics import RaftMetrics
-from raft_stream.offline import run_offline
+from raft_stream.offline import _set_canaries_aside, run_offline
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
 from raft_stream.ranking import select
@@ -33,7 +43,6 @@ from raft_stream.roles.adapters import (
     AdapterFetchError,
     AdapterTrust,
     announcement_of,
-    stored_announcement,
 )
 from raft_stream.roles.generator import GeneratorRole
 from raft_stream.roles.lifecycle import Shutdown
@@ -349,7 +358,7 @@ def test_a_pinned_rejected_version_is_never_served_nor_resumed_from(
         metrics,
         Shutdown(1.0),
     )
-    assert not role._switch(stored_announcement(store.root, 2, None))
+    assert not role.serve_pinned(2)
     refused = metrics.registry.get_sample_value(
         "raft_stream_adapter_load_failures_total", {"reason": "gate_rejected"}
     )
@@ -396,6 +405,7 @@ def test_adapters_list_shows_verdicts_canary_figures_and_the_serving_version(
             "raft_stream.cli",
             "adapters",
             "list",
+            "--store-only",
             "--set",
             f"store.root={tmp_path / 'adapters'}",
         ],
@@ -410,4 +420,107 @@ def test_adapters_list_shows_verdicts_canary_figures_and_the_serving_version(
     v1 = next(line for line in lines if "v1" in line)
     assert "rejected" in v2 and "0.100" in v2 and "3.500" in v2
     assert "promoted" in v1 and "(serving)" in v1 and "0.300 ± 0.050" in v1
-    assert "serving v1" in done.stdout
+    assert "serving v1, per the store" in done.stdout
+
+
+def test_the_canary_share_is_a_stable_hash_of_the_prompt_id() -> None:
+    ids = [f"prompt-{i}" for i in range(20_000)]
+    share = sum(is_canary(i, 0.05) for i in ids) / len(ids)
+    assert 0.045 < share < 0.055
+    assert [is_canary(i, 0.05) for i in ids[:200]] == [is_canary(i, 0.05) for i in ids[:200]]
+    assert not any(is_canary(i, 0.0) for i in ids[:1000])
+    # Nested shares: a prompt set aside at 1% stays set aside at 5%.
+    assert all(is_canary(i, 0.05) for i in ids if is_canary(i, 0.01))
+
+
+def test_the_canary_set_is_fixed_once_complete_and_kept_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "canary_prompts.jsonl"
+    collector = CanaryCollector(path, 3, SamplingConfig())
+
+    def sample(i: int) -> Sample:
+        return Sample(f"c{i}", f"prompt {i}", "t", "r", 1, 0, reward=0.5)
+
+    assert not collector.offer([sample(0), sample(0), sample(1)])  # two distinct so far
+    assert collector.offer([sample(2), sample(3)]) and collector.complete
+    assert not collector.offer([sample(4)])
+    again = CanaryCollector(path, 3, SamplingConfig())
+    assert again.complete and [r.prompt for r in again.prompts.values()] == [
+        "prompt 0",
+        "prompt 1",
+        "prompt 2",
+    ]
+    path.write_text("{not json\n")
+    with pytest.raises(ConfigError, match="delete it"):
+        CanaryCollector(path, 3, SamplingConfig())
+
+
+def test_a_file_and_a_share_of_canary_prompts_cannot_both_be_set(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"gate.canary_share .*; set one of them"):
+        GateConfig(canary_prompts=tmp_path / "c.jsonl", canary_share=0.1)
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_the_trainer_never_trains_on_the_canary_share_and_judges_on_it_once_complete(
+    kafka_config: Callable[..., KafkaConfig], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    share = 0.5
+    ids = (f"p{i}" for i in range(1000))
+    canary = [i for i in ids if is_canary(i, share)][:6]
+    trained = [i for i in (f"q{i}" for i in range(1000)) if not is_canary(i, share)][:16]
+    cfg = role_config(
+        kafka_config(partitions=1),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{
+            "buffer.batch_size": 8,
+            "gate.canary_share": share,
+            "gate.canary_stream_prompts": 4,
+            "gate.samples_per_prompt": 2,
+            "buffer.max_staleness": None,
+        },
+    )
+    topics = cfg.kafka.topics
+    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
+
+    def sample(prompt_id: str) -> bytes:
+        return dumps(
+            encode_sample(
+                Sample(prompt_id, "the movie was", "the movie was", " great fun.", 3, 0, 0.5)
+            )
+        )
+
+    metrics = RaftMetrics(CollectorRegistry())
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    trainer = TrainerRole(cfg, str(tiny_model_dir), metrics, shutdown)
+    thread = RoleThread(trainer.run, shutdown, "test-trainer")
+    try:
+        # Training samples first: no round may start before the canary set is complete.
+        produce_raw(cfg.kafka, [sample(i) for i in trained[:8]], topic=topics.samples)
+        wait_for(lambda: len(trainer.buffer) == 8, 60, "8 samples buffered")
+        time.sleep(1.0)
+        assert trainer.store.versions() == [] and trainer.judge is None
+        produce_raw(cfg.kafka, [sample(i) for i in canary], topic=topics.samples)
+        wait_for(lambda: trainer.store.versions() == [1], 180, "v1, judged")
+        produce_raw(cfg.kafka, [sample(i) for i in trained[8:]], topic=topics.samples)
+        wait_for(lambda: trainer.store.versions() == [1, 2], 180, "v2, judged")
+        time.sleep(1.0)
+        assert trainer.store.versions() == [1, 2]  # 16 samples trained, none of the canaries
+        assert all(trainer.store.get(v).verdict is not None for v in (1, 2))
+        kept = read_prompts_jsonl(tmp_path / "state" / "canary_prompts.jsonl")
+        assert [r.id for r in kept] == canary[:4]
+        assert trainer.judge is not None and len(trainer.judge.prompts) == 4
+        assert thread.alive()
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+
+
+def test_offline_raft_sets_the_canary_share_of_its_prompts_aside(tmp_path: Path) -> None:
+    cfg = load_config(overrides={"gate.canary_share": 0.25, "gate.canary_stream_prompts": 3})
+    prompts = [PromptRecord(f"p{i}", "the movie was") for i in range(40)]
+    train, canary = _set_canaries_aside(prompts, cfg)
+    assert len(canary) == 3 and all(is_canary(p.id, 0.25) for p in canary)
+    assert not any(is_canary(p.id, 0.25) for p in train)
+    assert len(train) == sum(not is_canary(p.id, 0.25) for p in prompts)
+    with pytest.raises(ValueError, match="sets aside 0 of the 1 prompts"):
+        _set_canaries_aside([p for p in prompts if not is_canary(p.id, 0.25)][:1], cfg)

@@ -23,12 +23,15 @@ from raft_stream.errors import MessageError
 from raft_stream.stream.schema import (
     REASONS,
     RECORD_OVERHEAD_BYTES,
+    AdapterAction,
     DeadLetter,
     decode_adapter,
+    decode_adapters_message,
     decode_dead_letter,
     decode_prompt,
     decode_sample,
     dumps,
+    encode_action,
     encode_dead_letter,
     encode_prompt,
     encode_sample,
@@ -47,6 +50,7 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
     "prompt": lambda value: decode_prompt(value, 1_000_000, "t/0/1"),
     "sample": decode_sample,
     "adapter": decode_adapter,
+    "adapter_action": decode_adapters_message,
     "dead_letter": decode_dead_letter,
 }
 
@@ -78,6 +82,16 @@ VALID: dict[str, dict[str, Any]] = {
         "metrics": {"loss": 1.5},
         "created_at": 1700000000.5,
         "verdict": "promoted",
+    },
+    "adapter_action": {
+        "action": "rollback",
+        "version": 1,
+        "from_version": 3,
+        "lineage": "c0ffee",
+        "by": "ops@host",
+        "at": 1700000000.5,
+        "trigger": "operator",
+        "reason": "live reward fell",
     },
     "dead_letter": {
         "reason": "not_json",
@@ -225,6 +239,11 @@ def _encodes_again(record: str, decoded: Any) -> None:
         assert decode_sample(dumps(encode_sample(decoded))) == decoded
     elif record == "adapter":
         dumps(asdict(decoded))
+    elif record == "adapter_action":
+        if isinstance(decoded, AdapterAction):
+            assert decode_adapters_message(dumps(encode_action(decoded))) == decoded
+        else:
+            dumps(asdict(decoded))
     else:
         fitted = fit_dead_letter(decoded)
         assert decode_dead_letter(dumps(encode_dead_letter(fitted))) == fitted

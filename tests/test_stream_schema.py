@@ -15,13 +15,16 @@ from raft_stream.stream.kafka import kafka_client_kwargs
 from raft_stream.stream.schema import (
     REASONS,
     RECORD_OVERHEAD_BYTES,
+    AdapterAction,
     DeadLetter,
     check_output_size,
     decode_adapter,
+    decode_adapters_message,
     decode_dead_letter,
     decode_prompt,
     decode_sample,
     dumps,
+    encode_action,
     encode_adapter,
     encode_dead_letter,
     encode_sample,
@@ -203,6 +206,40 @@ def test_adapter_announcement_round_trips(tmp_path: Path) -> None:
     assert (announced.metrics, announced.created_at) == ({"loss": 1.25}, 1700.5)
     with pytest.raises(MessageError, match=r"metrics\.loss"):
         decode_adapter(dumps(message | {"metrics": {"loss": "low"}}))
+
+
+def test_an_adapter_action_round_trips_and_the_topic_decoder_tells_the_two_kinds_apart(
+    tmp_path: Path,
+) -> None:
+    action = AdapterAction(
+        "rollback", 2, "lineage", "ops@host", 1700.5, "automatic", from_version=4, reason="r"
+    )
+    assert decode_adapters_message(dumps(encode_action(action))) == action
+    adapter = AdapterVersion(3, tmp_path / "v3", "ab" * 32, "demo", 1.0)
+    assert decode_adapters_message(dumps(encode_adapter(adapter))).version == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "detail"),
+    [
+        ({"action": "delete"}, "action must be one of"),
+        ({"trigger": "cron"}, "trigger must be one of"),
+        ({"from_version": 2}, "from_version 2 must be above version 2"),
+        ({"from_version": None}, "from_version is required"),
+        ({"version": -1}, r"version must be in \[0, 2\*\*31\)"),
+        ({"action": "pin"}, "only a rollback has a from_version"),
+        ({"action": "unpin", "from_version": None}, "unpin takes no version"),
+        ({"by": "x" * 501}, "by is 501 characters"),
+        ({"at": "now"}, "at must be number"),
+        ({"lineage": None}, "lineage is required"),
+    ],
+)
+def test_an_adapter_action_that_makes_no_sense_is_refused_naming_the_field(
+    change: dict[str, object], detail: str
+) -> None:
+    action = AdapterAction("rollback", 2, "lineage", "ops@host", 1.0, from_version=4)
+    with pytest.raises(MessageError, match=detail):
+        decode_adapters_message(dumps(encode_action(action) | change))
 
 
 def test_dead_letter_keeps_bytes_key_and_headers_exactly() -> None:

@@ -300,6 +300,23 @@ def build() -> dict[str, Any]:
             query(f"max by (adapter) (raft_stream_canary_kl{{{NS}}})", "KL {{adapter}}", "C"),
         )
     )
+    board = board.with_panel(
+        series(
+            "Live reward and rollbacks",
+            "Live mean reward of the version each generator serves (current) and of the one "
+            "it served before (previous): the comparison behind automatic rollback "
+            "(gate.rollback_samples); and adapter actions per hour by action and trigger "
+            "(operator, or automatic: a generator rolled a regressed version back).",
+            "none",
+            query(f"avg by (adapter) (raft_stream_reward_mean{{{NS}}})", "live reward {{adapter}}"),
+            query(
+                f"3600 * max by (action, trigger) "
+                f"(rate(raft_stream_adapter_actions_total{{{NS}}}[{RATE}]))",
+                "{{action}} ({{trigger}})/h",
+                "B",
+            ),
+        )
+    )
 
     board = board.with_row(dashboard.Row("Adapters"))
     board = board.with_panel(

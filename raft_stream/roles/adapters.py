@@ -18,6 +18,11 @@ the store on its volume) from the cheapest check to the dearest:
 
 A failed check is an AdapterFetchError whose ``reason`` is one of REFUSAL_REASONS.
 
+Actions on the topic (promote, rollback, pin, unpin: ``raft_stream.serving``) pass checks
+1 and 3 (``AdapterTrust.check_action``); the versions they name pass all six when served.
+Every message of a lineage is sent with the lineage as its key, so they share a partition
+and every replica reads them in the same order.
+
 Fetching dispatches on the URI scheme (``FETCHERS``): ``file://`` reads the folder in
 place from a shared volume (all-in-one, or a ReadWriteMany volume on Kubernetes). Another
 transport (``http://`` from the trainer) is one more entry that downloads the folder into a
@@ -31,7 +36,8 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Final
 from urllib.parse import unquote, urlparse
@@ -39,8 +45,14 @@ from urllib.request import url2pathname
 
 from raft_stream.config import KafkaConfig, RaftConfig, read_secret
 from raft_stream.errors import AdapterError
+from raft_stream.serving import ServingLedger
 from raft_stream.stream.kafka import StreamProducer, adapter_reader
-from raft_stream.stream.schema import AdapterAnnouncement, encode_adapter
+from raft_stream.stream.schema import (
+    AdapterAction,
+    AdapterAnnouncement,
+    encode_action,
+    encode_adapter,
+)
 from raft_stream.training.store import (
     AdapterStore,
     AdapterTooLargeError,
@@ -59,6 +71,9 @@ __all__ = [
     "adapter_store_root",
     "announcement_of",
     "fetch_adapter",
+    "fold_checked",
+    "read_ledger",
+    "send_action",
     "signature_of",
     "stored_announcement",
 ]
@@ -114,20 +129,20 @@ FETCHERS: dict[str, Callable[[str], Path]] = {"file": _fetch_file}
 """URI scheme -> function returning a local folder holding the announced version."""
 
 
-def canonical_announcement(announcement: AdapterAnnouncement) -> bytes:
+def canonical_message(message: AdapterAnnouncement | AdapterAction) -> bytes:
     """The bytes a signature covers: every field but ``signature``, as sorted, compact,
     ASCII JSON (so signer and checker agree whatever their JSON libraries do). Only hashed,
     never parsed, so a non-finite metric is written as NaN/Infinity rather than refused."""
-    fields = dataclasses.asdict(announcement)
+    fields = dataclasses.asdict(message)
     del fields["signature"]
-    if fields["verdict"] is None:  # as signed before the promotion gate existed
-        del fields["verdict"]
+    if isinstance(message, AdapterAnnouncement) and fields["verdict"] is None:
+        del fields["verdict"]  # as signed before the promotion gate existed
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
-def signature_of(announcement: AdapterAnnouncement, key: bytes) -> str:
-    """Hex HMAC-SHA256 of the canonical announcement under ``key``."""
-    return hmac.new(key, canonical_announcement(announcement), hashlib.sha256).hexdigest()
+def signature_of(message: AdapterAnnouncement | AdapterAction, key: bytes) -> str:
+    """Hex HMAC-SHA256 of the canonical message under ``key``."""
+    return hmac.new(key, canonical_message(message), hashlib.sha256).hexdigest()
 
 
 def signing_key(cfg: RaftConfig) -> bytes | None:
@@ -173,38 +188,54 @@ class AdapterTrust:
             self._lineage = read_lineage(self.store_root)
         return self._lineage
 
+    def _check_signature(self, message: AdapterAnnouncement | AdapterAction, what: str) -> None:
+        if self.key is None:
+            return
+        if message.signature is None:
+            raise AdapterFetchError(BAD_SIGNATURE, f"{what}: unsigned, and a signing key is set")
+        expected = signature_of(message, self.key)
+        if not hmac.compare_digest(message.signature.encode(), expected.encode()):
+            raise AdapterFetchError(BAD_SIGNATURE, f"{what}: the signature does not match")
+
+    def _check_lineage(self, lineage: str | None, what: str) -> None:
+        followed = self.lineage()
+        if followed is None:
+            raise AdapterFetchError(
+                LINEAGE_MISMATCH,
+                f"{what}: no lineage to follow yet (no {self.store_root}/lineage "
+                "and adapters.lineage is unset); start the trainer on that store first",
+            )
+        if lineage != followed:
+            raise AdapterFetchError(
+                LINEAGE_MISMATCH,
+                f"{what} is of lineage {str(lineage)[:64]!r}; this generator follows "
+                f"{followed!r} (another trainer or store sent it)",
+            )
+
+    def check_action(self, action: AdapterAction) -> None:
+        """Checks 1 and 3 of an action; AdapterFetchError when one fails."""
+        what = f"adapter action {action.action} {action.version} by {action.by[:80]!r}"
+        self._check_signature(action, what)
+        self._check_lineage(action.lineage, what)
+
     def check_claims(self, announcement: AdapterAnnouncement) -> None:
         """Checks 1-3 (no disk access); AdapterFetchError when one fails."""
         a = announcement
-        if self.key is not None:
-            if a.signature is None:
-                raise AdapterFetchError(
-                    BAD_SIGNATURE, f"adapter v{a.version}: unsigned, and a signing key is set"
-                )
-            expected = signature_of(a, self.key)
-            if not hmac.compare_digest(a.signature.encode(), expected.encode()):
-                raise AdapterFetchError(
-                    BAD_SIGNATURE, f"adapter v{a.version}: the signature does not match"
-                )
+        self._check_signature(a, f"adapter v{a.version}")
         if a.base_model != self.base_model:
             raise AdapterFetchError(
                 BASE_MODEL_MISMATCH,
                 f"adapter v{a.version} is for base model {a.base_model[:200]!r}; this "
                 f"generator serves {self.base_model!r}",
             )
-        followed = self.lineage()
-        if followed is None:
-            raise AdapterFetchError(
-                LINEAGE_MISMATCH,
-                f"adapter v{a.version}: no lineage to follow yet (no {self.store_root}/lineage "
-                "and adapters.lineage is unset); start the trainer on that store first",
-            )
-        if a.lineage != followed:
-            raise AdapterFetchError(
-                LINEAGE_MISMATCH,
-                f"adapter v{a.version} is of lineage {str(a.lineage)[:64]!r}; this generator "
-                f"follows {followed!r} (another trainer or store announced it)",
-            )
+        self._check_lineage(a.lineage, f"adapter v{a.version}")
+
+    def check(self, message: AdapterAnnouncement | AdapterAction) -> None:
+        """The claims of any adapters-topic message (no disk access)."""
+        if isinstance(message, AdapterAction):
+            self.check_action(message)
+        else:
+            self.check_claims(message)
 
     def locate(self, announcement: AdapterAnnouncement) -> Path:
         """Check 4: the announced folder, resolved, strictly inside an allowed root."""
@@ -332,19 +363,37 @@ def announce(
     timeout_s: float,
     key: bytes | None = None,
 ) -> None:
-    """Send one announcement (signed with ``key``, if any) and wait for the ack
-    (DeliveryError otherwise)."""
-    producer.send_and_wait(topic, [(None, announcement_of(adapter, key))], timeout_s)
+    """Send one announcement (signed with ``key``, if any; keyed by its lineage) and wait
+    for the ack (DeliveryError otherwise)."""
+    message_key = None if adapter.lineage is None else adapter.lineage.encode()
+    producer.send_and_wait(topic, [(message_key, announcement_of(adapter, key))], timeout_s)
+
+
+def send_action(
+    producer: StreamProducer,
+    topic: str,
+    action: AdapterAction,
+    timeout_s: float,
+    key: bytes | None = None,
+) -> AdapterAction:
+    """Sign (with ``key``, if any) and send one action keyed by its lineage, and wait for
+    the ack (DeliveryError otherwise); returns the action as sent."""
+    if key is not None:
+        action = dataclasses.replace(action, signature=signature_of(action, key))
+    producer.send_and_wait(topic, [(action.lineage.encode(), encode_action(action))], timeout_s)
+    return action
+
+
+Message = AdapterAnnouncement | AdapterAction
 
 
 class AdapterWatcher:
     """Follows the adapters topic from its beginning (no group, so every replica sees all).
 
-    ``poll`` returns the announcements that arrived, newest version first; the caller
-    decides which it can use. Nothing is remembered about refused ones, so a forged huge
-    version number cannot hide the real versions announced after it. Malformed
-    announcements are logged, passed to ``on_refused`` as ``MALFORMED`` and skipped: each
-    generator reads them all, so dead-lettering them would duplicate per replica.
+    ``poll`` returns the messages that arrived, in the order of the topic; the caller folds
+    them (``raft_stream.serving.ServingLedger``). Malformed messages are logged, passed to
+    ``on_refused`` as ``MALFORMED`` and skipped: each generator reads them all, so
+    dead-lettering them would duplicate per replica.
     """
 
     def __init__(
@@ -357,7 +406,7 @@ class AdapterWatcher:
         self._on_refused = on_refused
         self._poll_timeout_s = poll_timeout_s
 
-    def poll(self) -> list[AdapterAnnouncement]:
+    def poll(self) -> list[Message]:
         batch = self._reader.poll(self._poll_timeout_s)
         for letter in batch.dead:
             log.warning(
@@ -365,19 +414,63 @@ class AdapterWatcher:
                 extra={"reason": letter.reason, "detail": letter.detail, "offset": letter.offset},
             )
             self._on_refused(MALFORMED)
-        return sorted((r.value for r in batch.records), key=lambda a: a.version, reverse=True)
+        return [record.value for record in batch.records]
 
-    def catch_up(self, timeout_s: float) -> list[AdapterAnnouncement]:
-        """Read what the topic holds for up to ``timeout_s`` (at start: serve the newest
-        usable version from the first batch on); newest version first."""
-        found: list[AdapterAnnouncement] = []
-        saved, self._poll_timeout_s = self._poll_timeout_s, timeout_s / 4
+    def catch_up(self, timeout_s: float) -> list[Message]:
+        """What the topic holds, in its order: polls until one comes back empty after
+        records came, for at most ``timeout_s`` (an empty topic takes all of it)."""
+        found: list[Message] = []
+        deadline = time.monotonic() + timeout_s
+        saved, self._poll_timeout_s = self._poll_timeout_s, min(0.5, timeout_s / 4)
         try:
-            for _ in range(4):
-                found += self.poll()
+            while time.monotonic() < deadline:
+                polled = self.poll()
+                if not polled and found:
+                    break
+                found += polled
         finally:
             self._poll_timeout_s = saved
-        return sorted(found, key=lambda a: a.version, reverse=True)
+        return found
 
     def close(self) -> None:
         self._reader.close()
+
+
+def fold_checked(
+    ledger: ServingLedger,
+    messages: Iterable[Message],
+    trust: AdapterTrust,
+    on_refused: Callable[[Message, AdapterFetchError], None],
+) -> list[AdapterAction]:
+    """Apply to ``ledger`` each message whose claims pass ``trust.check`` (signature, base
+    model, lineage); the others go to ``on_refused``. Returns the actions applied."""
+    applied: list[AdapterAction] = []
+    for message in messages:
+        try:
+            trust.check(message)
+        except AdapterFetchError as err:
+            on_refused(message, err)
+            continue
+        ledger.apply(message)
+        if isinstance(message, AdapterAction):
+            applied.append(message)
+    return applied
+
+
+def read_ledger(cfg: KafkaConfig, trust: AdapterTrust, timeout_s: float = 5.0) -> ServingLedger:
+    """The adapters topic folded as a generator with ``trust`` folds it (what
+    ``raft-stream adapters`` shows and acts on); refused messages are logged."""
+
+    def refused(message: Message, err: AdapterFetchError) -> None:
+        log.warning(
+            "adapters-topic message refused", extra={"reason": err.reason, "error": str(err)}
+        )
+
+    watcher = AdapterWatcher(cfg, lambda reason: None)
+    try:
+        messages = watcher.catch_up(timeout_s)
+    finally:
+        watcher.close()
+    ledger = ServingLedger()
+    fold_checked(ledger, messages, trust, refused)
+    return ledger

@@ -18,17 +18,26 @@ A step that fails for one prompt (formatting, encoding: a bug that prompt trigge
 dead-letters that prompt (``internal_error``) and the batch goes on; a failure of the
 engine itself ends the role (EngineFailure), for its supervisor to restart.
 
-Between batches it follows the adapters topic: the newest announced version that passes
-the trust checks (``roles.adapters``: signature, base model, lineage, place in the store,
-manifest, bounded checksum) and loads into the engine is served by the next batch (so the
-batch in flight finishes on the old one). A version that fails any of that is refused with
-a log line and a counted reason, the next newest is tried, and the old one keeps serving.
+Between batches it follows the adapters topic (``raft_stream.serving.ServingLedger``: the
+trainer's announcements with their gate verdicts, operators' promote, rollback, pin and
+unpin): the version the ledger targets that passes the trust checks (``roles.adapters``:
+signature, base model, lineage, place in the store, manifest, bounded checksum) and loads
+into the engine is served by the next batch (so the batch in flight finishes on the old
+one). A version that fails any of that is refused with a log line and a counted reason,
+the next candidate is tried, and the old one keeps serving.
+
+Live rollback: with ``gate.rollback_samples`` set, the role compares the live reward of
+the version it serves with the one served before (``serving.LiveRewardWatch``); when it
+regressed, the role sends a rollback on the adapters topic, and every replica, this one
+included, follows it from there.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -56,6 +65,8 @@ from raft_stream.roles.adapters import (
     AdapterWatcher,
     adapter_store_root,
     fetch_adapter,
+    fold_checked,
+    send_action,
     stored_announcement,
 )
 from raft_stream.roles.batches import BatchRunner
@@ -68,9 +79,11 @@ from raft_stream.roles.delivery import (
     until_delivered,
 )
 from raft_stream.roles.lifecycle import Shutdown, noop
-from raft_stream.stream.kafka import PollBatch, PromptConsumer, Received
+from raft_stream.serving import BASE_VERSION, LiveRewardWatch, ServingLedger
+from raft_stream.stream.kafka import DeliveryError, PollBatch, PromptConsumer, Received
 from raft_stream.stream.schema import (
     GENERATION_FAILED,
+    AdapterAction,
     AdapterAnnouncement,
     DeadLetter,
     check_output_size,
@@ -128,6 +141,17 @@ class GeneratorRole:
         self.batches = 0
         self._previous: AdapterVersion | None = None
         self._next_adapter_check = 0.0
+        self.ledger = ServingLedger()
+        """The adapters topic folded: which version every replica serves."""
+        self._refused: set[tuple[object, ...]] = set()
+        gate = cfg.gate
+        self.live = (
+            None
+            if gate.rollback_samples is None
+            else LiveRewardWatch(gate.rollback_samples, gate.rollback_margin)
+        )
+        self._rolled_back: int | None = None
+        """The version this replica last sent a rollback for (sent once)."""
 
     @classmethod
     def from_config(
@@ -180,10 +204,10 @@ class GeneratorRole:
             self.metrics.set_served_version(self.served_version)
             pinned = self.cfg.store.pinned_version
             if pinned is not None:
-                root = adapter_store_root(self.cfg)
-                self._switch(stored_announcement(root, pinned, self.trust.key))
-            else:
-                self._serve_newest(watcher.catch_up(timeout_s=2.0))
+                self.serve_pinned(pinned)
+            self._receive(watcher.catch_up(timeout_s=2.0))
+            if pinned is None:
+                self._follow()
             self.ready = True
             log.info("generator serving", extra={"adapter_version": self.served_version})
             while not self.shutdown.requested:
@@ -196,6 +220,7 @@ class GeneratorRole:
                     if scored is not None:
                         self.batches += 1
                         self._observe(scored)
+                        self._watch_live_reward(clients)
                 self.metrics.consumer_lag_messages.labels(topic=topics.prompts).set(
                     clients.consumer.lag()
                 )
@@ -313,8 +338,9 @@ class GeneratorRole:
                 raise
             self._refuse(self.adapter.version, ENGINE_ERROR, err)
             # The one served before loaded fine; a failure of that one falls back to base.
-            self.adapter, self._previous = self._previous, None
-            self.metrics.set_served_version(self.served_version)
+            fallback = self._previous
+            self._now_serving(fallback)
+            self._previous = None
             return self._sample(prompts)
         failed = scored.failed
         if len(failed) == len(prompts) and not self._engine_answers():
@@ -346,37 +372,77 @@ class GeneratorRole:
                 rewards[sample.adapter_version].append(sample.reward)
         for version, values in sorted(rewards.items()):
             m.observe_rewards(values, version)
+            if self.live is not None:
+                self.live.observe(version, values)
 
     # -- adapters --------------------------------------------------------------------------
 
     def _check_adapters(self, watcher: AdapterWatcher) -> None:
-        if self.cfg.store.pinned_version is not None:
-            return  # rolled back: newer announcements wait until the pin is lifted
         now = time.monotonic()
         if now < self._next_adapter_check:
             return
         self._next_adapter_check = now + self.cfg.daemon.adapter_poll_interval_s
-        self._serve_newest(watcher.poll())
+        self._receive(watcher.poll())
+        if self.cfg.store.pinned_version is None:  # pinned by config: the topic waits
+            self._follow()
 
-    def _serve_newest(self, announcements: list[AdapterAnnouncement]) -> None:
-        """Switch to the newest of ``announcements`` (newest first) newer than the served
-        version that the promotion gate did not reject and that passes the checks; each
-        refused one is counted once. (A forged verdict fails the manifest check.)"""
-        for announcement in announcements:
-            if announcement.version <= self.served_version:
+    def serve_pinned(self, version: int) -> bool:
+        """Serve ``store.pinned_version`` from the store (the topic is not followed); a
+        version the gate rejected is refused (``gate_rejected``). False: refused."""
+        root = adapter_store_root(self.cfg)
+        announcement = stored_announcement(root, version, self.trust.key)
+        return self._switch(announcement, rejected=announcement.verdict == "rejected")
+
+    def _receive(self, messages: list[AdapterAnnouncement | AdapterAction]) -> None:
+        """Fold the adapters topic's new messages into the ledger; a message that fails
+        its claims (signature, base model, lineage) is refused, counted and skipped."""
+
+        def refused(message: AdapterAnnouncement | AdapterAction, err: AdapterFetchError) -> None:
+            self._refuse(message.version or 0, err.reason, err)
+
+        for action in fold_checked(self.ledger, messages, self.trust, refused):
+            self._record(action)
+
+    def _record(self, action: AdapterAction) -> None:
+        log.info(
+            "adapter action",
+            extra={
+                "action": action.action,
+                "adapter_version": action.version,
+                "from_version": action.from_version,
+                "trigger": action.trigger,
+                "by": action.by,
+                "at": action.at,
+                "reason": action.reason,
+            },
+        )
+        if self.ready:  # not the history replayed at start
+            self.metrics.count_adapter_action(action.action, action.trigger)
+
+    def _follow(self) -> None:
+        """Serve the ledger's target, or the best candidate after it that loads; stay on
+        the served version when it comes first (serving.ServingLedger.candidates)."""
+        for version in self.ledger.candidates():
+            if version == self.served_version or self._serve(version):
                 return
-            if announcement.verdict == "rejected":
-                log.info(
-                    "not serving a version the promotion gate rejected",
-                    extra={"adapter_version": announcement.version},
-                )
+
+    def _serve(self, version: int) -> bool:
+        if version == BASE_VERSION:
+            self._now_serving(None)
+            log.info("serving the base model", extra={"previous_version": self._previous_version})
+            return True
+        for announcement in reversed(self.ledger.announced.get(version, [])):
+            identity = _identity(announcement)
+            if identity in self._refused:
                 continue
-            if self._switch(announcement):
-                return
+            if self._switch(announcement, rejected=self.ledger.rejected(version)):
+                return True
+            self._refused.add(identity)
+        return False
 
-    def _switch(self, announcement: AdapterAnnouncement) -> bool:
+    def _switch(self, announcement: AdapterAnnouncement, *, rejected: bool) -> bool:
         """Fetch, verify and load a version; the next batch uses it. False: refused."""
-        if announcement.verdict == "rejected":  # a pin too: rejected versions never serve
+        if rejected:  # a pin too: a rejected version serves only once an operator promotes it
             self._refuse(
                 announcement.version,
                 GATE_REJECTED,
@@ -398,18 +464,62 @@ class GeneratorRole:
             return False
         # Only a verified version is recorded: a forged one must not move the gauge.
         self.metrics.set_stored_version(adapter.version, adapter.created_at)
-        self._previous, self.adapter = self.adapter, adapter
-        self.metrics.set_served_version(adapter.version)
+        self._now_serving(adapter)
         log.info(
-            "serving a new adapter version",
+            "serving an adapter version",
             extra={
                 "adapter_version": adapter.version,
-                "previous_version": self._previous.version if self._previous else 0,
+                "previous_version": self._previous_version,
                 "load_s": round(time.perf_counter() - started, 3),
                 "since_stored_s": round(time.time() - adapter.created_at, 3),
             },
         )
         return True
+
+    def _now_serving(self, adapter: AdapterVersion | None) -> None:
+        self._previous, self.adapter = self.adapter, adapter
+        self.metrics.set_served_version(self.served_version)
+        if self.live is not None:
+            self.live.served(self.served_version)
+
+    @property
+    def _previous_version(self) -> int:
+        return self._previous.version if self._previous is not None else BASE_VERSION
+
+    def _watch_live_reward(self, clients: StreamClients[PromptRecord]) -> None:
+        """Roll back, on every replica, a version whose live reward regressed: send the
+        rollback on the adapters topic, and follow it from there like any action."""
+        regression = self.live.regression() if self.live is not None else None
+        lineage = self.trust.lineage()
+        if regression is None or lineage is None or self._rolled_back == regression.version:
+            return
+        reason = regression.describe(self.cfg.gate.rollback_margin)
+        action = AdapterAction(
+            action="rollback",
+            version=regression.previous,
+            from_version=regression.version,
+            lineage=lineage,
+            by=f"generator@{socket.gethostname()}/{os.getpid()}",
+            at=time.time(),
+            trigger="automatic",
+            reason=reason,
+        )
+        topic = self.cfg.kafka.topics.adapters
+        timeout_s = self.cfg.kafka.delivery_timeout_s
+        try:
+            send_action(clients.producer, topic, action, timeout_s, self.trust.key)
+        except DeliveryError as err:  # tested again after the next window
+            log.warning("sending a rollback failed", extra={"error": str(err), "reason": reason})
+            return
+        self._rolled_back = regression.version
+        log.warning(
+            "live reward regressed; rolling back on every replica",
+            extra={
+                "adapter_version": regression.version,
+                "to_version": regression.previous,
+                "reason": reason,
+            },
+        )
 
     def _refuse(self, version: int, reason: str, err: Exception) -> None:
         self.metrics.count_adapter_load_failure(reason)
@@ -422,6 +532,12 @@ class GeneratorRole:
                 "serving": self.served_version,
             },
         )
+
+
+def _identity(announcement: AdapterAnnouncement) -> tuple[object, ...]:
+    """What tells two announcements of one version apart (a forged one from the real)."""
+    a = announcement
+    return (a.version, a.sha256, a.uri, a.lineage, a.verdict, a.signature)
 
 
 def _empty_batch() -> ScoredBatch:

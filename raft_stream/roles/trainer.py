@@ -43,7 +43,15 @@ import torch
 from raft_stream.buffer import RewardBuffer, mean_reward
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, ConfigError, NonFiniteLossError, TrainingError
-from raft_stream.gate import CanaryFigures, CanaryJudge, Verdict, build_judge
+from raft_stream.gate import (
+    CanaryCollector,
+    CanaryFigures,
+    CanaryJudge,
+    Verdict,
+    build_judge,
+    is_canary,
+    judge_on,
+)
 from raft_stream.learning_health import LearningHealth
 from raft_stream.metrics import RaftMetrics
 from raft_stream.reasons import TRAINING_FAILED
@@ -75,6 +83,8 @@ POLL_TIMEOUT_S = 0.5
 """Longest wait for samples; bounds how late a finished round is noticed."""
 
 BUFFER_FILE = "buffer.jsonl"
+CANARY_FILE = "canary_prompts.jsonl"
+"""Under ``daemon.state_dir``: the canary set taken from the stream (``gate.canary_share``)."""
 
 STORE_LOCK_WAIT_S = 10.0
 """How long a starting trainer waits for the store's previous writer to let go (a killed
@@ -180,16 +190,29 @@ class TrainerRole:
             build_safe_reward(cfg.reward) if cfg.buffer.rescore else None
         )
         """The trainer's own reward (``buffer.rescore``); None trusts the samples' field."""
-        # The promotion gate (``gate.canary_prompts``); None stores every version unjudged.
+        # The promotion gate (``gate.canary_prompts``, or the canary share of the stream once
+        # its set is complete); None stores every version unjudged.
         self.judge: CanaryJudge | None = None
+        self.canaries: CanaryCollector | None = None
+        self._gate_reward: SafeReward | None = None
         try:
+            if cfg.gate.canary_prompts is not None or cfg.gate.canary_share > 0:
+                self._gate_reward = self.reward or build_safe_reward(cfg.reward)
             if cfg.gate.canary_prompts is not None:
-                gate_reward = self.reward or build_safe_reward(cfg.reward)
-                self.judge = build_judge(cfg, model_path, gate_reward)
+                assert self._gate_reward is not None
+                self.judge = build_judge(cfg, model_path, self._gate_reward)
+            elif cfg.gate.canary_share > 0:
+                self.canaries = CanaryCollector(
+                    state_dir / CANARY_FILE,
+                    cfg.gate.canary_stream_prompts,
+                    cfg.generation.sampling,
+                )
+                if self.canaries.complete:
+                    self._judge_the_canaries()
         except ConfigError:
             self.store.close()
-            if self.reward is not None:
-                self.reward.close()
+            for reward in {id(r): r for r in (self.reward, self._gate_reward) if r}.values():
+                reward.close()
             raise
         self.health = LearningHealth(cfg.training.stall_rounds)
         """Loss and mean reward of the rounds: warns when learning stalls."""
@@ -221,8 +244,8 @@ class TrainerRole:
             self.store.close()
             if self.reward is not None:
                 self.reward.close()
-            if self.judge is not None and self.judge.reward is not self.reward:
-                self.judge.reward.close()
+            if self._gate_reward is not None and self._gate_reward is not self.reward:
+                self._gate_reward.close()
 
     def _serve(self) -> None:
         self._trainer = self._load_trainer()
@@ -272,10 +295,32 @@ class TrainerRole:
             clients.close()
             log.info("trainer stopped", extra={"rounds": self.rounds, "failures": self.failures})
 
+    def _judge_the_canaries(self) -> None:
+        assert self.canaries is not None and self._gate_reward is not None
+        records = list(self.canaries.prompts.values())
+        self.judge = judge_on(self.cfg, self.model_path, self._gate_reward, records)
+        log.info(
+            "the canary set is complete: the promotion gate judges every version from now on",
+            extra={"canary_prompts": len(records), "file": str(self.canaries.path)},
+        )
+
+    def _set_canaries_aside(self, records: list[Received[Sample]]) -> list[Received[Sample]]:
+        """The records to train on: those of canary prompts (``gate.canary_share``) are
+        never trained on; their prompts fill the canary set until it is complete."""
+        share = self.cfg.gate.canary_share
+        if self.canaries is None:
+            return records
+        canary = [r for r in records if is_canary(r.value.prompt_id, share)]
+        if canary and self.canaries.offer(r.value for r in canary):
+            self._judge_the_canaries()
+        return [r for r in records if not is_canary(r.value.prompt_id, share)]
+
     def _take(self, batch: PollBatch[Sample], clients: StreamClients[Sample]) -> None:
-        """Buffer the kept samples of a poll (rejected ones are only for observers); a
-        kept sample the buffer refuses, or whose handling fails, is dead-lettered."""
-        kept_records = [r for r in batch.records if r.value.reject_reason is None]
+        """Buffer the kept samples of a poll (rejected ones are only for observers; those
+        of canary prompts are set aside); a kept sample the buffer refuses, or whose
+        handling fails, is dead-lettered."""
+        records = self._set_canaries_aside(batch.records)
+        kept_records = [r for r in records if r.value.reject_reason is None]
         if self.reward is not None:
             kept_records = self._rescore(kept_records)
         admitted, refused = each_record(
@@ -322,6 +367,7 @@ class TrainerRole:
             and not self.shutdown.requested
             and time.monotonic() >= self._retry_at
             and self.buffer.batch_ready()
+            and (self.canaries is None or self.canaries.complete)
         ):
             served = self._versions_served()
             batch = self.buffer.peek_batch()

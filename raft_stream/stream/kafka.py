@@ -31,10 +31,11 @@ from raft_stream.reasons import POISON
 from raft_stream.stream.poison import CrashJournal
 from raft_stream.stream.schema import (
     INTERNAL_ERROR,
+    AdapterAction,
     AdapterAnnouncement,
     DeadLetter,
     check_output_size,
-    decode_adapter,
+    decode_adapters_message,
     decode_prompt,
     decode_sample,
     dumps,
@@ -504,11 +505,15 @@ def sample_consumer(cfg: KafkaConfig, journal: CrashJournal | None = None) -> Js
     )
 
 
-def adapter_reader(cfg: KafkaConfig) -> JsonConsumer[AdapterAnnouncement]:
-    """A generator's reader of every adapter announcement from the beginning (no group)."""
+def adapter_reader(cfg: KafkaConfig) -> JsonConsumer[AdapterAnnouncement | AdapterAction]:
+    """A reader of every adapters-topic message (announcements and actions) from the
+    beginning, without a group: how each generator follows the topic."""
     max_bytes = cfg.max_message_bytes
     return JsonConsumer(
-        cfg, cfg.topics.adapters, lambda value, _: decode_adapter(value, max_bytes), group_id=None
+        cfg,
+        cfg.topics.adapters,
+        lambda value, _: decode_adapters_message(value, max_bytes),
+        group_id=None,
     )
 
 

@@ -2,7 +2,9 @@
 
 Records: a prompt (with its sampling overrides; the prompts topic and prompt files), a
 sample (the samples topic and the trainer's ``buffer.jsonl``, row for row the same JSON),
-an adapter announcement (the adapters topic) and a dead letter (the dead-letter topic).
+an adapter announcement and an adapter action (the adapters topic: the trainer announces
+versions, operators and generators promote, roll back, pin and unpin them) and a dead
+letter (the dead-letter topic).
 
 Every message is a UTF-8 JSON object with ``"schema_version": 1`` (a message without it
 counts as version 1). Unknown top-level keys are ignored, so producers can add fields
@@ -55,9 +57,11 @@ from raft_stream.reasons import DECODE_REASONS as REASONS
 from raft_stream.types import AdapterVersion, PromptRecord, Sample
 
 __all__ = [
+    "ACTIONS",
     "DEAD_LETTER_REASONS",
     "GENERATION_FAILED",
     "INTERNAL_ERROR",
+    "MAX_ACTION_TEXT_CHARS",
     "MAX_DEPTH",
     "MAX_MESSAGE_BYTES",
     "OUTPUT_TOO_LARGE",
@@ -66,15 +70,19 @@ __all__ = [
     "RECORD_OVERHEAD_BYTES",
     "REWARD_OUT_OF_BOUNDS",
     "SCHEMA_VERSION",
+    "TRIGGERS",
     "VERDICTS",
+    "AdapterAction",
     "AdapterAnnouncement",
     "DeadLetter",
     "check_output_size",
     "decode_adapter",
+    "decode_adapters_message",
     "decode_dead_letter",
     "decode_prompt",
     "decode_sample",
     "dumps",
+    "encode_action",
     "encode_adapter",
     "encode_dead_letter",
     "encode_prompt",
@@ -507,8 +515,11 @@ def encode_adapter(
 
 
 def decode_adapter(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> AdapterAnnouncement:
-    """Decode an adapters-topic message, or raise MessageError."""
-    obj = _load_object(value, max_bytes)
+    """Decode an adapter announcement, or raise MessageError."""
+    return _announcement(_load_object(value, max_bytes))
+
+
+def _announcement(obj: dict[str, Any]) -> AdapterAnnouncement:
     metrics = _field(obj, "metrics", "object", required=False) or {}
     for name, metric in metrics.items():
         if not _KINDS["number"](metric):
@@ -531,6 +542,121 @@ def decode_adapter(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> AdapterA
         signature=_field(obj, "signature", "str", required=False),
         verdict=verdict,
     )
+
+
+# -- adapter actions ---------------------------------------------------------------------
+
+ACTIONS: Final = ("promote", "rollback", "pin", "unpin")
+"""What an adapter action does (``roles.serving.ServingLedger`` gives each its meaning)."""
+TRIGGERS: Final = ("operator", "automatic")
+"""Who decided an action: a person (``raft-stream adapters ...``) or a generator's live
+rollback."""
+MAX_ACTION_TEXT_CHARS: Final = 500
+"""Longest ``by`` and ``reason`` of an adapter action."""
+
+
+@dataclass(frozen=True)
+class AdapterAction:
+    """An action on the served adapter version, sent on the adapters topic so that every
+    replica (each reads the whole topic) follows it."""
+
+    action: str
+    """One of ACTIONS."""
+    version: int | None
+    """promote, pin: that version; rollback: the version to serve again (0: the base
+    model); unpin: None."""
+    lineage: str
+    """The adapter store lineage it applies to (generators of another lineage ignore it)."""
+    by: str
+    """Who sent it: ``user@host`` for an operator, ``generator@host/pid`` for a rollback."""
+    at: float
+    """When it was sent, Unix seconds."""
+    trigger: str = "operator"
+    """One of TRIGGERS."""
+    from_version: int | None = None
+    """rollback: the version rolled back from; every version in (version, from_version] is
+    withdrawn. None for the other actions."""
+    reason: str = ""
+    signature: str | None = None
+    """Hex HMAC-SHA256 of the other fields, as for announcements; None: unsigned."""
+
+
+def encode_action(action: AdapterAction) -> dict[str, Any]:
+    """An adapter action as a JSON object for the adapters topic."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "action": action.action,
+        "version": action.version,
+        "from_version": action.from_version,
+        "lineage": action.lineage,
+        "by": action.by,
+        "at": action.at,
+        "trigger": action.trigger,
+        "reason": action.reason,
+        "signature": action.signature,
+    }
+
+
+def _version_field(obj: dict[str, Any], name: str, *, required: bool) -> int | None:
+    version = _field(obj, name, "int", required=required)
+    if version is not None and not 0 <= version < 2**31:
+        raise MessageError("bad_field_type", f"{name} must be in [0, 2**31), got {show(version)}")
+    return version
+
+
+def _decode_action(obj: dict[str, Any]) -> AdapterAction:
+    action = _field(obj, "action", "str")
+    if action not in ACTIONS:
+        raise MessageError("bad_field_type", f"action must be one of {ACTIONS}, got {show(action)}")
+    trigger = _field(obj, "trigger", "str", required=False) or "operator"
+    if trigger not in TRIGGERS:
+        raise MessageError(
+            "bad_field_type", f"trigger must be one of {TRIGGERS}, got {show(trigger)}"
+        )
+    version = _version_field(obj, "version", required=action != "unpin")
+    from_version = _version_field(obj, "from_version", required=action == "rollback")
+    if action == "unpin" and version is not None:
+        raise MessageError("bad_field_type", f"unpin takes no version, got {show(version)}")
+    if action == "rollback":
+        assert version is not None and from_version is not None  # required above
+        if from_version <= version:
+            raise MessageError(
+                "bad_field_type",
+                f"a rollback goes back: from_version {from_version} must be above version "
+                f"{version}",
+            )
+    elif from_version is not None:
+        raise MessageError("bad_field_type", f"only a rollback has a from_version ({action})")
+    texts = {name: _field(obj, name, "str", required=name == "by") for name in ("by", "reason")}
+    for name, text in texts.items():
+        if text is not None and len(text) > MAX_ACTION_TEXT_CHARS:
+            raise MessageError(
+                "bad_field_type",
+                f"{name} is {len(text)} characters; at most {MAX_ACTION_TEXT_CHARS}",
+            )
+    at = float(_field(obj, "at", "number"))  # finite: _load_object refuses the others
+    return AdapterAction(
+        action=action,
+        version=version,
+        lineage=_field(obj, "lineage", "str"),
+        by=texts["by"],
+        at=at,
+        trigger=trigger,
+        from_version=from_version,
+        reason=texts["reason"] or "",
+        signature=_field(obj, "signature", "str", required=False),
+    )
+
+
+def decode_adapters_message(
+    value: bytes, max_bytes: int = MAX_MESSAGE_BYTES
+) -> AdapterAnnouncement | AdapterAction:
+    """Decode any adapters-topic message: an action (it has an ``action`` key) or an
+    announcement; raise MessageError."""
+    obj = _load_object(value, max_bytes)
+    if "action" in obj:
+        return _decode_action(obj)
+    return _announcement(obj)
 
 
 # -- dead letters --------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from rich.markup import escape
 from rich.table import Table
 
 from raft_stream.gate import CanaryFigures
@@ -27,7 +28,7 @@ def adapter_table(
     else:
         latest = store.latest()
         serving = latest.version if latest else 0
-    table = Table(title=f"adapter versions in {store.root}")
+    table = Table(title=escape(f"adapter versions in {store.root}"))
     for column in ("version", "verdict", "canary reward", "distinct-2", "KL", "loss", "stored"):
         table.add_column(column, justify="right")
     for version in reversed(store.versions()):
@@ -77,7 +78,9 @@ def actions_table(ledger: ServingLedger, last: int = 20) -> Table:
             what = f"rollback v{action.from_version} -> v{action.version}"
         else:
             what = " ".join(f"{x}" for x in (action.action, action.version) if x is not None)
-        table.add_row(_when(action.at), what, action.by, action.trigger, action.reason)
+        table.add_row(
+            _when(action.at), what, escape(action.by), action.trigger, escape(action.reason)
+        )
     return table
 
 

@@ -93,10 +93,9 @@ def cmd_offline(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.offline:
-        from raft_stream.demo import offline_demo_config
-        from raft_stream.offline import run_offline
+        from raft_stream.demo import offline_demo_config, run_offline_demo
 
-        run_offline(offline_demo_config(args.output_dir, args.iterations, args.prompts))
+        run_offline_demo(offline_demo_config(args.output_dir, args.iterations, args.prompts))
         return 0
     from rich.console import Console
 
@@ -251,7 +250,7 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
     if not args.store_only:
         try:
             ledger = read_ledger(config.kafka, AdapterTrust.from_config(config), args.timeout)
-        except KafkaError as err:
+        except (KafkaError, ValueError) as err:  # ValueError: no adapters topic yet
             console.print(
                 f"[yellow]the adapters topic is not readable at "
                 f"{config.kafka.bootstrap_servers} ({type(err).__name__}: {err}); showing the "
@@ -266,8 +265,11 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
 
 def cmd_adapters_act(args: argparse.Namespace) -> int:
     """promote, rollback, pin, unpin: one signed action on the adapters topic."""
+    from kafka.errors import KafkaError
+
+    from raft_stream.errors import MessageError
     from raft_stream.roles.adapters import AdapterTrust, read_ledger, send_action
-    from raft_stream.serving import plan_action
+    from raft_stream.serving import ActionError, plan_action
     from raft_stream.stream.kafka import StreamProducer
 
     config = _client_config(args)
@@ -278,7 +280,21 @@ def cmd_adapters_act(args: argparse.Namespace) -> int:
             f"no lineage to act on: no {trust.store_root}/lineage and adapters.lineage is "
             "unset; point store.root (or daemon.state_dir) at the trainer's store"
         )
-    ledger = read_ledger(config.kafka, trust, args.timeout)
+    kafka = config.kafka
+    try:
+        ledger = read_ledger(kafka, trust, args.timeout)
+    except (KafkaError, ValueError) as err:
+        raise RaftStreamError(
+            f"the adapters topic {kafka.topics.adapters} is not readable at "
+            f"{kafka.bootstrap_servers}: {err}"
+        ) from None
+    if trust.key is None and any(
+        a.signature for versions in ledger.announced.values() for a in versions
+    ):
+        raise ActionError(
+            "the fleet's announcements are signed, and replicas refuse an unsigned action: "
+            "set adapters.signing_key_file to the fleet's key"
+        )
     action = plan_action(
         ledger,
         args.adapters_command,
@@ -287,13 +303,36 @@ def cmd_adapters_act(args: argparse.Namespace) -> int:
         by=operator_identity(),
         reason=args.reason,
     )
-    kafka = config.kafka
-    with StreamProducer(kafka) as producer:
-        send_action(producer, kafka.topics.adapters, action, kafka.delivery_timeout_s, trust.key)
+    _check_stored(trust.store_root, action.version if action.action != "unpin" else None)
+    try:
+        with StreamProducer(kafka) as producer:
+            send_action(
+                producer, kafka.topics.adapters, action, kafka.delivery_timeout_s, trust.key
+            )
+    except MessageError as err:
+        raise ActionError(f"not sent: every replica would refuse it ({err.detail})") from None
     ledger.apply(action)
     what = " ".join(str(x) for x in (action.action, action.version) if x is not None)
     print(f"sent '{what}' as {action.by}: every replica now serves v{ledger.target()}")
     return 0
+
+
+def _check_stored(store_root: Path, version: int | None) -> None:
+    """An action that makes ``version`` serve needs it in the store (``store.keep_last``
+    prunes old versions): else every replica would fall back to the base model."""
+    from raft_stream.serving import BASE_VERSION, ActionError
+    from raft_stream.training.store import AdapterStore
+
+    if version is None or version == BASE_VERSION or not store_root.exists():
+        return
+    with AdapterStore(store_root, base_model="", readonly=True) as store:
+        kept = store.versions()
+    if version not in kept:
+        oldest = f"the oldest kept is v{kept[0]}" if kept else "it holds none"
+        raise ActionError(
+            f"v{version} is no longer in the adapter store {store_root} ({oldest}; see "
+            "store.keep_last): no replica could serve it"
+        )
 
 
 def operator_identity() -> str:
@@ -449,9 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
         act = adapters_sub.add_parser(name, help=summary, description=summary)
         _add_config_args(act)
         if name in ("promote", "pin"):
-            act.add_argument("version", type=int)
+            act.add_argument("version", type=int, help="adapter version (0: the base model)")
         elif name == "rollback":
-            act.add_argument("version", type=int, nargs="?")
+            act.add_argument(
+                "version", type=int, nargs="?", help="default: the one before the serving one"
+            )
         act.add_argument("--reason", default="", help="recorded with the action")
         act.add_argument(
             "--timeout", type=float, default=5.0, help="seconds to read the adapters topic"

@@ -153,6 +153,12 @@ class GenerationConfig(_Section):
     batch_size: int = Field(8, ge=1)
     """transformers backend: prompts per generate() call."""
 
+    max_prompts_in_flight: int = Field(32, ge=1)
+    """Generator: prompts polled and not yet delivered, at most. The engine samples one
+    batch (up to ``kafka.poll_max_records`` prompts) while the ones before it are scored
+    and delivered (``roles.batches``); memory holds this many prompts and their K samples.
+    ``kafka.poll_max_records`` or less: one batch at a time."""
+
     openai_base_url: str | None = None
     """openai backend: the server, e.g. http://127.0.0.1:8000/v1."""
 

@@ -51,6 +51,7 @@ __all__ = [
     "REJECT_REASONS",
     "REWARD_BUCKETS",
     "STALENESS_BUCKETS",
+    "SWAP_PHASES",
     "TRAINING_FAILURE_REASONS",
     "RaftMetrics",
 ]
@@ -98,6 +99,12 @@ is 4) and a few wider ones for a raised or disabled bound."""
 
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 SWAP_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+SWAP_PHASES = ("detect", "fetch", "verify", "load", "first_batch")
+"""The parts of an adapter swap in a generator (``adapter_swap_phase_seconds{phase}``):
+the broker got the message that changed the target -> the engine stage folded it; locating
+the version's folder; its manifest and checksum; loading it into the engine (a one-token
+probe); loaded -> the first batch sampled on it."""
+SWAP_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class _RunningMean:
@@ -298,6 +305,15 @@ class RaftMetrics:
             buckets=SWAP_BUCKETS,
             **kw,
         )
+        self.adapter_swap_phase_seconds = Histogram(
+            "adapter_swap_phase_seconds",
+            "The parts of an adapter swap in a generator: detect (broker -> folded), fetch, "
+            "verify (manifest and checksum), load (into the engine), first_batch (loaded -> "
+            "the first batch sampled on it).",
+            ["phase"],
+            buckets=SWAP_PHASE_BUCKETS,
+            **kw,
+        )
         self.adapter_actions_total = Counter(
             "adapter_actions",
             "Actions on the served adapter version this replica followed (promote, rollback, "
@@ -349,6 +365,8 @@ class RaftMetrics:
             self.gate_verdicts_total.labels(verdict=verdict, criterion=criterion)
         for source in ("sampled", "text"):
             self.training_samples_total.labels(tokens=source)
+        for phase in SWAP_PHASES:
+            self.adapter_swap_phase_seconds.labels(phase=phase)
         for action in ACTIONS:
             for trigger in TRIGGERS:
                 self.adapter_actions_total.labels(action=action, trigger=trigger)
@@ -402,6 +420,12 @@ class RaftMetrics:
         self.engine_deaths_total.labels(
             signal=signal if signal in ENGINE_DEATH_SIGNALS else "unknown"
         ).inc()
+
+    def observe_swap_phase(self, phase: str, seconds: float) -> None:
+        """One part of an adapter swap (``phase`` of SWAP_PHASES) took ``seconds``."""
+        if phase not in SWAP_PHASES:
+            raise ValueError(f"swap phase {phase!r} is not one of {SWAP_PHASES}")
+        self.adapter_swap_phase_seconds.labels(phase=phase).observe(max(0.0, seconds))
 
     def count_adapter_action(self, action: str, trigger: str) -> None:
         """Count an adapter action followed (``action`` of ACTIONS, ``trigger`` of

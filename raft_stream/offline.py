@@ -18,6 +18,7 @@ from rich.table import Table
 from raft_stream.config import RaftConfig, SamplingConfig
 from raft_stream.data.models import resolve_model
 from raft_stream.data.prompts import read_prompts_jsonl
+from raft_stream.errors import ConfigError
 from raft_stream.gate import CanaryFigures, CanaryJudge, build_judge, is_canary
 from raft_stream.generation.base import Generator, SamplingParams, build_generator
 from raft_stream.learning_health import HeldOutGain, LearningHealth, held_out_gain
@@ -90,6 +91,9 @@ class OfflineReport:
     """The final adapter's held-out reward over the base model's, paired by prompt."""
     canary_base: CanaryFigures | None = None
     """The base model's canary figures, when the promotion gate ran."""
+    final_adapter: AdapterVersion | None = None
+    """The version the run ended on: the newest stored one the gate promoted (or did not
+    judge); None: the base model, nothing stored or promoted."""
     wall_s: float = 0.0
     output_dir: Path = Path()
 
@@ -136,10 +140,11 @@ def _set_canaries_aside(
     share = cfg.gate.canary_share
     canary = [p for p in prompts if is_canary(p.id, share)]
     train = [p for p in prompts if not is_canary(p.id, share)]
-    if not canary or not train:
-        raise ValueError(
+    if len(canary) < 2 or not train:
+        raise ConfigError(
             f"gate.canary_share {share} sets aside {len(canary)} of the {len(prompts)} prompts "
-            "of offline.prompts; choose a share that leaves some on each side"
+            "of offline.prompts; choose a share that leaves at least 2 canary prompts and "
+            "some to train on"
         )
     return train, canary[: cfg.gate.canary_stream_prompts]
 
@@ -337,6 +342,7 @@ def run_offline(
                 if row.verdict:
                     status += f" {row.verdict}"
                 progress.update(task, advance=1, description=status)
+        report.final_adapter = adapter
         if judge is not None:
             report.canary_base = judge.base(trainer)
         if eval_prompts:

@@ -151,16 +151,25 @@ class RaftSampler:
         keeps its meaning when some prompt fails."""
         started = time.perf_counter()
         samples, tokens, failed = self.generate_each(prompts, adapter)
-        generated = time.perf_counter()
+        return self.rank(samples, tokens, time.perf_counter() - started, failed)
+
+    def rank(
+        self,
+        samples: list[Sample],
+        tokens: int,
+        generation_s: float,
+        failed: list[tuple[int, str]] | None = None,
+    ) -> ScoredBatch:
+        """Score and rank a batch's samples (from ``generate_each``, which took
+        ``generation_s`` seconds for ``tokens`` tokens)."""
+        started = time.perf_counter()
         self.score(samples)
-        scored = time.perf_counter()
-        k = max(self.sampling.n, 1)
-        selection = select(samples, self.ranking, k)
+        selection = select(samples, self.ranking, max(self.sampling.n, 1))
         return ScoredBatch(
             samples=samples,
             selection=selection,
             tokens=tokens,
-            generation_s=generated - started,
-            reward_s=scored - generated,
-            failed=failed,
+            generation_s=generation_s,
+            reward_s=time.perf_counter() - started,
+            failed=failed or [],
         )

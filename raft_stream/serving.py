@@ -60,28 +60,38 @@ class ServingLedger:
     actions: list[AdapterAction] = field(default_factory=list)
     """Every action applied, oldest first: who did what, when and why."""
     _promoted: set[int] = field(default_factory=set)
-    _withdrawn: set[int] = field(default_factory=set)
-    _rollbacks: list[tuple[int, int]] = field(default_factory=list)
-    """(to, from] ranges withdrawn, kept for versions announced after the rollback."""
+    _rollbacks: list[tuple[int, int, int]] = field(default_factory=list)
+    """(sequence, to, from) of each rollback: it withdrew the versions in (to, from]."""
+    _reinstated: dict[int, int] = field(default_factory=dict)
+    """Version -> sequence of the last action that let it serve again (promote, or a
+    rollback to it): a withdrawal older than that no longer holds."""
+    _signatures: set[str] = field(default_factory=set)
 
     def apply(self, message: AdapterAnnouncement | AdapterAction) -> None:
-        """Fold one message (checked by the caller: signature, lineage) into the ledger."""
+        """Fold one message (checked by the caller: signature, lineage) into the ledger.
+
+        Ignored: a signed action seen before (a replay), and an automatic rollback from a
+        version that no longer serves (an operator or another replica acted first)."""
         if isinstance(message, AdapterAnnouncement):
             self.announced.setdefault(message.version, []).append(message)
-            if any(low < message.version <= high for low, high in self._rollbacks):
-                self._withdrawn.add(message.version)
             return
+        if message.signature is not None:
+            if message.signature in self._signatures:
+                return
+            self._signatures.add(message.signature)
+        if message.trigger == "automatic" and not self.may_roll_back(message.from_version):
+            return
+        sequence = len(self.actions)
         self.actions.append(message)
         version = message.version
         if message.action == "promote":
             assert version is not None  # the decoder requires it
             self._promoted.add(version)
-            self._withdrawn.discard(version)
+            self._reinstated[version] = sequence
         elif message.action == "rollback":
             assert version is not None and message.from_version is not None
-            self._rollbacks.append((version, message.from_version))
-            self._withdrawn.update(v for v in self.announced if version < v <= message.from_version)
-            self._withdrawn.discard(version)
+            self._rollbacks.append((sequence, version, message.from_version))
+            self._reinstated[version] = sequence
         elif message.action == "pin":
             self.pinned = version
         else:
@@ -90,6 +100,16 @@ class ServingLedger:
     def apply_all(self, messages: Iterable[AdapterAnnouncement | AdapterAction]) -> None:
         for message in messages:
             self.apply(message)
+
+    def may_roll_back(self, version: int | None) -> bool:
+        """Whether an automatic rollback from ``version`` still applies: it serves, nothing
+        is pinned, and no operator promoted it (a person's decision stands)."""
+        return (
+            version is not None
+            and self.pinned is None
+            and version == self.target()
+            and not any(a.action == "promote" and a.version == version for a in self.actions)
+        )
 
     def rejected(self, version: int) -> bool:
         """The gate rejected ``version`` (as announced) and no operator promoted it."""
@@ -101,13 +121,13 @@ class ServingLedger:
         if version == BASE_VERSION:
             return True
         return (
-            version in self.announced
-            and not self.rejected(version)
-            and version not in self._withdrawn
+            version in self.announced and not self.rejected(version) and not self.withdrawn(version)
         )
 
     def withdrawn(self, version: int) -> bool:
-        return version in self._withdrawn
+        """A rollback withdrew ``version`` and nothing let it serve again since."""
+        last = max((seq for seq, low, high in self._rollbacks if low < version <= high), default=-1)
+        return last > self._reinstated.get(version, -1)
 
     def target(self) -> int:
         """The version every replica should serve (0: the base model)."""
@@ -197,8 +217,8 @@ class LiveRewardWatch:
         have arrived; None otherwise.
 
         Regressed when mean_previous - mean_current - margin > t * se, where se is Welch's
-        standard error of the difference and t the two-sided 95% Student-t value for
-        ``2 * samples - 2`` degrees of freedom (so a noisy reward does not flap)."""
+        standard error of the difference and t the two-sided 95% Student-t value for the
+        Welch-Satterthwaite degrees of freedom (so a noisy reward does not flap)."""
         current, previous = self.current, self.previous
         n = self.samples
         if current is None or previous is None or len(previous.rewards) < n:
@@ -207,10 +227,16 @@ class LiveRewardWatch:
             return None
         current.next_test = current.seen + n
         mean, previous_mean = statistics.fmean(current.rewards), statistics.fmean(previous.rewards)
-        se = math.sqrt(
-            (statistics.variance(current.rewards) + statistics.variance(previous.rewards)) / n
+        shares = (
+            statistics.variance(current.rewards) / n,
+            statistics.variance(previous.rewards) / n,
         )
-        if previous_mean - mean - self.margin <= t_critical_95(2 * n - 2) * se:
+        se = math.sqrt(sum(shares))
+        if se > 0:  # Welch-Satterthwaite degrees of freedom
+            df = max(1, math.floor(se**4 / sum(share**2 / (n - 1) for share in shares)))
+            if previous_mean - mean - self.margin <= t_critical_95(df) * se:
+                return None
+        elif previous_mean - mean <= self.margin:
             return None
         return Regression(current.version, previous.version, mean, previous_mean, n)
 

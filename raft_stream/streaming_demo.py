@@ -3,8 +3,10 @@
 Starts the embedded broker, runs the all-in-one daemon (``raft-stream run``) as a child
 process the way a user would, feeds it the demo prompts, watches the samples and adapters
 topics live (prompts done; per adapter version: the promotion gate's verdict, its canary
-figures, the samples it served and their mean reward) and ends with a plot of reward
-against prompts seen that marks each version where it was announced, promoted or rejected.
+figures, the samples it served, their mean reward and their distinct-2) and ends with a
+plot of reward against prompts seen that marks each version where it was announced,
+promoted or rejected, and with the base model's and the final adapter's greedy responses
+to a few held-out prompts side by side (``raft_stream/side_by_side.py``).
 
 The promotion gate (``raft_stream/gate.py``) is on unless ``gate=False``
 (``raft-stream demo --no-gate``): its canary prompts are held-out demo prompts, none of
@@ -23,7 +25,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -41,10 +43,13 @@ from raft_stream.demo import DEMO_OVERRIDES
 from raft_stream.gate import CanaryFigures
 from raft_stream.plotting import plot_stream_reward
 from raft_stream.presets import MODEL_PRESETS, ModelPreset
+from raft_stream.side_by_side import EXAMPLE_PROMPTS, example_responses, show_examples
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import JsonConsumer, adapter_reader, ensure_topics
 from raft_stream.stream.schema import AdapterAction, AdapterAnnouncement, decode_sample
 from raft_stream.stream.tools import produce_file
+from raft_stream.textstats import distinct_n
+from raft_stream.training.store import AdapterStore
 from raft_stream.types import PromptRecord, Sample
 
 __all__ = [
@@ -119,7 +124,8 @@ def _cycled(records: list[PromptRecord], n: int) -> list[PromptRecord]:
 class DemoModel:
     """A model the demo can stream with: the built-in model, its prompts, the run's own
     settings (over the model's preset), and the promotion gate's canary prompts (from the
-    held-out split, so never among ``prompts``) and settings."""
+    held-out split, so never among ``prompts``; the first ``EXAMPLE_PROMPTS`` of them also
+    show the base model's and the final adapter's responses) and settings."""
 
     preset: ModelPreset
     prompts: Callable[[int], list[PromptRecord]]
@@ -168,6 +174,8 @@ class StreamWatch:
     prompts_done: set[str] = field(default_factory=set)
     rewards: list[tuple[str, int, float]] = field(default_factory=list)  # (prompt, version, r)
     by_version: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    responses: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
+    """Per version, the responses of its scored samples (those ``by_version`` counts)."""
     announced: dict[int, Announced] = field(default_factory=dict)
     elapsed_s: float = 0.0
     """Seconds from feeding the prompts to the end of the watch."""
@@ -179,6 +187,7 @@ class StreamWatch:
             reward = sample.reward
             self.rewards.append((sample.prompt_id, sample.adapter_version, reward))
             self.by_version[sample.adapter_version].append(reward)
+            self.responses[sample.adapter_version].append(sample.response)
             self._scored_prompts.add(sample.prompt_id)
 
     def announce(self, announcement: AdapterAnnouncement) -> None:
@@ -204,6 +213,10 @@ class StreamWatch:
         """The announced versions with this verdict."""
         return [v for v, a in sorted(self.announced.items()) if a.verdict == verdict]
 
+    def distinct_2(self) -> dict[int, float]:
+        """Distinct-2 of each served version's responses (``textstats.distinct_n``)."""
+        return {v: distinct_n(texts, 2) for v, texts in sorted(self.responses.items())}
+
     def per_prompt(self) -> list[tuple[int, float]]:
         """(adapter version, mean reward of its K samples) per prompt, in arrival order."""
         rewards: dict[str, list[float]] = defaultdict(list)
@@ -215,9 +228,19 @@ class StreamWatch:
 
     def table(self, elapsed_s: float) -> Table:
         table = Table(title=f"raft-stream demo — {elapsed_s:.0f} s")
-        for column in ("adapter", "verdict", "canary reward", "distinct-2", "samples"):
+        # Two-line headers: the table fits an 80-column terminal without cutting a name.
+        columns = (
+            "adapter",
+            "verdict",
+            "canary\nreward",
+            "canary\ndistinct-2",
+            "samples",
+            "mean\nreward",
+            "distinct-2",
+        )
+        for column in columns:
             table.add_column(column, justify="right")
-        table.add_column("mean reward", justify="right")
+        distinct_2 = self.distinct_2()
         for version in self.versions():
             announced = self.announced.get(version)
             canary = announced.canary if announced else None
@@ -229,6 +252,7 @@ class StreamWatch:
                 f"{canary.distinct_2:.3f}" if canary else "—",
                 str(len(values)),
                 f"{statistics.fmean(values):+.3f}" if values else "—",
+                f"{distinct_2[version]:.3f}" if version in distinct_2 else "—",
             )
         table.caption = f"prompts done {len(self.prompts_done)}/{self.total_prompts}"
         if self.announced:
@@ -237,8 +261,9 @@ class StreamWatch:
         return table
 
     def summary(self) -> dict[str, Any]:
-        """What ``summary.json`` holds: prompts done, reward per served version and per
-        prompt, and each announced version's verdict and canary figures."""
+        """What ``summary.json`` holds: prompts done, reward and distinct-2 per served
+        version, reward per prompt, and each announced version's verdict and canary
+        figures."""
         by_version = sorted(self.by_version.items())
         return {
             "prompts_done": len(self.prompts_done),
@@ -246,6 +271,7 @@ class StreamWatch:
             "adapter_versions": [v for v, _ in by_version],
             "mean_reward_by_version": {f"v{v}": statistics.fmean(r) for v, r in by_version},
             "samples_by_version": {f"v{v}": len(r) for v, r in by_version},
+            "distinct_2_by_version": {f"v{v}": d for v, d in self.distinct_2().items()},
             "announced": [
                 {
                     "version": a.version,
@@ -261,6 +287,11 @@ class StreamWatch:
         }
 
 
+def _store_root(out: Path) -> Path:
+    """The daemon's adapter store, in the demo's output folder."""
+    return out / "state" / "adapters"
+
+
 def _daemon_config(
     model: DemoModel, out: Path, kafka_bootstrap: str, canary: Path | None
 ) -> RaftConfig:
@@ -271,7 +302,7 @@ def _daemon_config(
             **gate,
             "kafka.bootstrap_servers": kafka_bootstrap,
             "daemon.state_dir": str(out / "state"),
-            "store.root": str(out / "state" / "adapters"),
+            "store.root": str(_store_root(out)),
         }
     )
 
@@ -289,7 +320,7 @@ def run_streaming_demo(
     gate: bool = True,
 ) -> StreamWatch:
     """Run the demo, with the promotion gate unless ``gate`` is False; returns what it
-    saw. Writes reward.png and summary.json into ``out``."""
+    saw. Writes reward.png, summary.json and examples.md into ``out``."""
     # SIGTERM (a closed terminal, a CI timeout) stops the demo as Ctrl-C does: the daemon
     # drains and the broker stops instead of both being left behind.
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -304,15 +335,15 @@ def _run(
 ) -> StreamWatch:
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("kafka").setLevel(logging.WARNING)  # keep the live view readable
-    console.print(f"[bold]1/4[/] model ({demo.preset.title}) ...")
-    demo.preset.ensure()
+    console.print(f"[bold]1/5[/] model ({demo.preset.title}) ...")
+    model_path = str(demo.preset.ensure())
     prompts_file = out / "prompts.jsonl"
     write_prompts_jsonl(demo.prompts(prompts), prompts_file)
     canary = demo.canary() if gate else []
     canary_file = out / "canary_prompts.jsonl" if gate else None
     if canary_file is not None:
         write_prompts_jsonl(canary, canary_file)
-    console.print("[bold]2/4[/] embedded broker ...")
+    console.print("[bold]2/5[/] embedded broker ...")
     with EmbeddedBroker(log_path=out / "broker.log") as broker:
         cfg = _daemon_config(demo, out, broker.bootstrap, canary_file)
         config_path = out / "daemon.yaml"
@@ -324,7 +355,7 @@ def _run(
             if canary_file
             else "no promotion gate"
         )
-        console.print(f"[bold]3/4[/] all-in-one daemon (config {config_path}; {gate_note}) ...")
+        console.print(f"[bold]3/5[/] all-in-one daemon (config {config_path}; {gate_note}) ...")
         watch = StreamWatch(total_prompts=prompts)
         with adapter_reader(kafka) as adapters:
             log_file = (out / "daemon.log").open("wb")
@@ -337,7 +368,7 @@ def _run(
             try:
                 produce_file(kafka, prompts_file)
                 console.print(
-                    f"[bold]4/4[/] fed {prompts} prompts; learning (log: {out}/daemon.log)"
+                    f"[bold]4/5[/] fed {prompts} prompts; learning (log: {out}/daemon.log)"
                 )
                 _watch(watch, kafka, adapters, budget_s, daemon, console)
             finally:
@@ -351,6 +382,10 @@ def _run(
             while _read_adapters(watch, adapters, 1.0):
                 pass
     plot_stream_reward(watch, out / "reward.png")
+    console.print("[bold]5/5[/] the base model and the final adapter on held-out prompts ...")
+    with AdapterStore(_store_root(out), "", readonly=True) as store:
+        final = store.latest()  # what served last
+    examples = example_responses(model_path, cfg, final, demo.canary()[:EXAMPLE_PROMPTS])
     gate_summary = None
     if canary_file is not None:
         gate_summary = {
@@ -358,10 +393,17 @@ def _run(
             "canary_prompts": len(canary),
             "samples_per_prompt": cfg.gate.samples_per_prompt,
         }
-    summary = {"gate": gate_summary, **watch.summary()}
+    summary = {
+        "gate": gate_summary,
+        **watch.summary(),
+        "examples": [asdict(example) for example in examples],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(watch.table(watch.elapsed_s))
-    console.print(f"plot: {out / 'reward.png'}   summary: {out / 'summary.json'}")
+    examples_file = show_examples(examples, out, console)
+    console.print(
+        f"plot: {out / 'reward.png'}   summary: {out / 'summary.json'}   examples: {examples_file}"
+    )
     return watch
 
 

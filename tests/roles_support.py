@@ -272,3 +272,29 @@ def reward_trend(samples: Iterable[Sample]) -> tuple[float, float]:
     sxx = sum((x - x_mean) ** 2 for x in xs)
     standard_error = math.sqrt(sum(r * r for r in residuals) / (len(xs) - 2) / sxx)
     return slope, slope / standard_error
+
+
+@contextmanager
+def transformers_generator(cfg: RaftConfig, model_dir: Path) -> Iterator[Roles]:
+    """A generator role on the transformers backend (no vLLM engine to start: for the tests
+    of which version serves, decided above the engine), running on a thread until exit."""
+    from raft_stream.generation.hf_backend import TransformersGenerator
+
+    engine = TransformersGenerator(str(model_dir), cfg.model, cfg.generation)
+    metrics = RaftMetrics(CollectorRegistry())
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    role = GeneratorRole(
+        cfg,
+        engine,
+        PromptFormatter.from_model(str(model_dir), cfg.model),
+        build_safe_reward(cfg.reward),
+        metrics,
+        shutdown,
+    )
+    thread = RoleThread(role.run, shutdown, "test-generator")
+    try:
+        wait_for(lambda: role.ready or not thread.alive(), 60, "generator ready")
+        yield Roles(role, None, metrics, shutdown, [thread])
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+        engine.close()

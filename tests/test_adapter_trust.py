@@ -17,14 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from raft_stream.config import KafkaConfig, load_config
 from raft_stream.errors import ConfigError
-from raft_stream.generation.hf_backend import TransformersGenerator
-from raft_stream.metrics import RaftMetrics
-from raft_stream.prompting import PromptFormatter
-from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.roles.adapters import (
     AdapterFetchError,
     AdapterTrust,
@@ -33,8 +28,6 @@ from raft_stream.roles.adapters import (
     fetch_adapter,
     signature_of,
 )
-from raft_stream.roles.generator import GeneratorRole
-from raft_stream.roles.lifecycle import Shutdown
 from raft_stream.stream.kafka import StreamProducer, ensure_topics
 from raft_stream.stream.schema import (
     AdapterAction,
@@ -46,7 +39,7 @@ from raft_stream.stream.schema import (
 )
 from raft_stream.training.store import TRAINER_STATE, AdapterStore, adapter_sha256
 from raft_stream.types import AdapterVersion
-from tests.roles_support import RoleThread, role_config, wait_for
+from tests.roles_support import role_config, transformers_generator, wait_for
 
 BASE = "org/base-model"
 KEY = b"a key from a Kubernetes Secret"
@@ -329,30 +322,19 @@ def test_a_hostile_announcement_is_refused_and_a_later_real_version_is_served(
         **{"store.root": str(store.root), "generation.backend": "transformers"},
     )
     assert adapter_store_root(cfg) == store.root
-    engine = TransformersGenerator(str(tiny_model_dir), cfg.model, cfg.generation)
-    metrics = RaftMetrics(CollectorRegistry())
-    shutdown = Shutdown(cfg.daemon.grace_period_s)
-    role = GeneratorRole(
-        cfg,
-        engine,
-        PromptFormatter.from_model(str(tiny_model_dir), cfg.model),
-        build_safe_reward(cfg.reward),
-        metrics,
-        shutdown,
-    )
-
-    def refusals(label: str) -> float:
-        name = "raft_stream_adapter_load_failures_total"
-        return metrics.registry.get_sample_value(name, {"reason": label}) or 0.0
 
     def announce(*messages: dict[str, object]) -> None:
         ensure_topics(cfg.kafka, [cfg.kafka.topics.adapters])
         with StreamProducer(cfg.kafka) as producer:
             producer.send_and_wait(cfg.kafka.topics.adapters, [(None, m) for m in messages], 10)
 
-    thread = RoleThread(role.run, shutdown, "test-generator")
-    try:
-        wait_for(lambda: role.ready, 60, "generator ready")
+    with transformers_generator(cfg, tiny_model_dir) as roles:
+        role, metrics = roles.generator, roles.metrics
+
+        def refusals(label: str) -> float:
+            name = "raft_stream_adapter_load_failures_total"
+            return metrics.registry.get_sample_value(name, {"reason": label}) or 0.0
+
         announce(message)
         wait_for(lambda: refusals(reason) == 1, 30, f"a {reason} refusal")
         assert role.served_version == 0
@@ -361,7 +343,4 @@ def test_a_hostile_announcement_is_refused_and_a_later_real_version_is_served(
         announce(announcement_of(store.get(2)))
         wait_for(lambda: role.served_version == 2, 30, "the real v2 served")
         assert role.adapter is not None and role.adapter.path == store.path_of(2)
-    finally:
-        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
-        engine.close()
-        store.close()
+    store.close()

@@ -18,7 +18,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from raft_stream.config import GateConfig, KafkaConfig, SamplingConfig, load_config
+from raft_stream.cli import _check_stored
+from raft_stream.config import GateConfig, KafkaConfig, RaftConfig, SamplingConfig, load_config
 from raft_stream.data.prompts import read_prompts_jsonl, write_prompts_jsonl
 from raft_stream.data.tiny_model import tiny_prompts
 from raft_stream.errors import ConfigError
@@ -42,17 +43,27 @@ from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.roles.adapters import (
     AdapterFetchError,
     AdapterTrust,
+    announce,
     announcement_of,
+    send_action,
 )
 from raft_stream.roles.generator import GeneratorRole
 from raft_stream.roles.lifecycle import Shutdown
 from raft_stream.roles.trainer import TrainerRole
+from raft_stream.serving import ActionError
 from raft_stream.stream.kafka import StreamProducer, ensure_topics
-from raft_stream.stream.schema import decode_adapter, dumps, encode_sample
+from raft_stream.stream.schema import AdapterAction, decode_adapter, dumps, encode_sample
 from raft_stream.training.lora_trainer import LoRATrainer
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, PromptRecord, Sample
-from tests.roles_support import RoleThread, TopicReader, produce_raw, role_config, wait_for
+from tests.roles_support import (
+    RoleThread,
+    TopicReader,
+    produce_raw,
+    role_config,
+    transformers_generator,
+    wait_for,
+)
 
 BASE = CanaryFigures(reward_mean=0.10, reward_ci95=0.05, distinct_2=0.50, mean_tokens=12, kl=0.0)
 GATE = GateConfig(canary_prompts=Path("canary.jsonl"), reward_margin=0.05, max_kl=1.0)
@@ -226,6 +237,30 @@ def test_the_gate_rejects_a_sabotaged_round_on_reward_and_keeps_the_promoted_ver
     store.close()
 
 
+def _promoted_then_rejected(
+    tmp_path: Path, model_dir: Path, adapters: list[AdapterVersion]
+) -> tuple[AdapterStore, tuple[AdapterVersion, AdapterVersion]]:
+    """A store holding v1, promoted, and v2, rejected."""
+    store = AdapterStore(tmp_path / "adapters", base_model=str(model_dir))
+    v1 = store.write(_copy_of(adapters[0]), {}, verdict="promoted")
+    v2 = store.write(_copy_of(adapters[1]), {}, verdict="rejected")
+    return store, (v1, v2)
+
+
+def _generator_config(
+    kafka: KafkaConfig, tmp_path: Path, model_dir: Path, store: AdapterStore
+) -> RaftConfig:
+    """A transformers-backed generator's config on ``store``, its adapters topic made."""
+    cfg = role_config(
+        kafka,
+        tmp_path / "state",
+        model_dir,
+        **{"store.root": str(store.root), "generation.backend": "transformers"},
+    )
+    ensure_topics(cfg.kafka, [cfg.kafka.topics.adapters])
+    return cfg
+
+
 @pytest.mark.kafka
 def test_a_generator_never_serves_a_version_the_gate_rejected(
     kafka_config: Callable[..., KafkaConfig],
@@ -233,39 +268,17 @@ def test_a_generator_never_serves_a_version_the_gate_rejected(
     tiny_lora_adapters: list[AdapterVersion],
     tmp_path: Path,
 ) -> None:
-    store = AdapterStore(tmp_path / "adapters", base_model=str(tiny_model_dir))
-    v1 = store.write(_copy_of(tiny_lora_adapters[0]), {}, verdict="promoted")
-    v2 = store.write(_copy_of(tiny_lora_adapters[1]), {}, verdict="rejected")
-    cfg = role_config(
-        kafka_config(),
-        tmp_path / "state",
-        tiny_model_dir,
-        **{"store.root": str(store.root), "generation.backend": "transformers"},
-    )
-    engine = TransformersGenerator(str(tiny_model_dir), cfg.model, cfg.generation)
-    shutdown = Shutdown(cfg.daemon.grace_period_s)
-    role = GeneratorRole(
-        cfg,
-        engine,
-        PromptFormatter.from_model(str(tiny_model_dir), cfg.model),
-        build_safe_reward(cfg.reward),
-        RaftMetrics(CollectorRegistry()),
-        shutdown,
-    )
-    ensure_topics(cfg.kafka, [cfg.kafka.topics.adapters])
-    thread = RoleThread(role.run, shutdown, "test-generator")
-    try:
-        wait_for(lambda: role.ready, 60, "generator ready")
+    store, (v1, v2) = _promoted_then_rejected(tmp_path, tiny_model_dir, tiny_lora_adapters)
+    cfg = _generator_config(kafka_config(), tmp_path, tiny_model_dir, store)
+    with transformers_generator(cfg, tiny_model_dir) as roles:
+        role = roles.generator
         with StreamProducer(cfg.kafka) as producer:
             messages = [(None, announcement_of(v)) for v in (v1, v2)]
             producer.send_and_wait(cfg.kafka.topics.adapters, messages, 10)
         wait_for(lambda: role.served_version == 1, 30, "the promoted v1 served")
         time.sleep(2 * cfg.daemon.adapter_poll_interval_s)  # v2 had its chance
         assert role.served_version == 1
-    finally:
-        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
-        engine.close()
-        store.close()
+    store.close()
 
 
 def _copy_of(adapter: AdapterVersion) -> Callable[[Path], None]:
@@ -522,5 +535,53 @@ def test_offline_raft_sets_the_canary_share_of_its_prompts_aside(tmp_path: Path)
     assert len(canary) == 3 and all(is_canary(p.id, 0.25) for p in canary)
     assert not any(is_canary(p.id, 0.25) for p in train)
     assert len(train) == sum(not is_canary(p.id, 0.25) for p in prompts)
-    with pytest.raises(ValueError, match="sets aside 0 of the 1 prompts"):
+    with pytest.raises(ConfigError, match="sets aside 0 of the 1 prompts"):
         _set_canaries_aside([p for p in prompts if not is_canary(p.id, 0.25)][:1], cfg)
+
+
+@pytest.mark.kafka
+def test_a_rejected_version_pinned_on_the_topic_serves_once_an_operator_promotes_it(
+    kafka_config: Callable[..., KafkaConfig],
+    tiny_model_dir: Path,
+    tiny_lora_adapters: list[AdapterVersion],
+    tmp_path: Path,
+) -> None:
+    store, (v1, v2) = _promoted_then_rejected(tmp_path, tiny_model_dir, tiny_lora_adapters)
+    cfg = _generator_config(kafka_config(), tmp_path, tiny_model_dir, store)
+
+    def act(action: str, version: int) -> None:
+        message = AdapterAction(action, version, str(store.lineage), "ops@host", time.time())
+        with StreamProducer(cfg.kafka) as producer:
+            send_action(producer, cfg.kafka.topics.adapters, message, 10)
+
+    with transformers_generator(cfg, tiny_model_dir) as roles:
+        role, metrics = roles.generator, roles.metrics
+        with StreamProducer(cfg.kafka) as producer:
+            for adapter in (v1, v2):
+                announce(producer, cfg.kafka.topics.adapters, adapter, 10)
+        wait_for(lambda: role.served_version == 1, 30, "the promoted v1 served")
+        act("pin", 2)  # not through the CLI, which refuses it
+        refused = "raft_stream_adapter_load_failures_total"
+        wait_for(
+            lambda: metrics.registry.get_sample_value(refused, {"reason": "gate_rejected"}) == 1,
+            30,
+            "the pin of the rejected v2 refused",
+        )
+        time.sleep(3 * cfg.daemon.adapter_poll_interval_s)  # refused once, not on every look
+        assert role.served_version == 1
+        assert metrics.registry.get_sample_value(refused, {"reason": "gate_rejected"}) == 1
+        act("promote", 2)
+        wait_for(lambda: role.served_version == 2, 30, "v2 served once promoted")
+    store.close()
+
+
+def test_an_operator_cannot_send_the_fleet_to_a_version_the_store_pruned(
+    tmp_path: Path,
+) -> None:
+    with AdapterStore(tmp_path / "adapters", base_model="demo", keep_last=2) as store:
+        for _ in range(4):
+            store.write(_save, {}, verdict="promoted")
+    _check_stored(tmp_path / "adapters", 4)
+    _check_stored(tmp_path / "adapters", 0)  # the base model needs no folder
+    with pytest.raises(ActionError, match=r"v1 is no longer in the adapter store .* v3"):
+        _check_stored(tmp_path / "adapters", 1)

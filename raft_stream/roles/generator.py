@@ -1,30 +1,32 @@
 """The generator role: prompts in, K scored and ranked samples per prompt out.
 
-One batch at a time, so memory is bounded by one batch whatever the prompt rate. The
-batch's work (2-4) runs on a worker thread while the loop keeps its consumer polled with
-the assignment paused (``roles.batches.BatchRunner``), so a batch longer than
-``kafka.max_poll_interval_ms`` keeps this member in its group:
+Batches flow through a pipeline (``roles.batches.BatchPipeline``): the engine samples one
+while the ones before it are scored and delivered, with at most
+``generation.max_prompts_in_flight`` prompts polled and not yet delivered, and the
+consumer kept in its group however long a batch takes:
 
-1. poll a batch (at most ``kafka.poll_max_records`` prompts; bad messages come back as
-   dead letters);
-2. sample, score and rank it with the adapter being served (RaftSampler);
-3. encode each prompt's samples; a prompt whose sample would exceed
-   ``kafka.max_message_bytes`` is dead-lettered (``output_too_large``);
-4. send its samples (and dead letters) and block until the broker acknowledged them all,
+1. poll a batch (at most ``kafka.poll_max_records`` prompts, and what fits in flight; bad
+   messages come back as dead letters);
+2. engine stage: format and sample it with the adapter being served;
+3. deliver stage: score and rank it; encode each prompt's samples (a prompt whose sample
+   would exceed ``kafka.max_message_bytes`` is dead-lettered, ``output_too_large``); send
+   its samples (and dead letters) and block until the broker acknowledged them all,
    retrying with backoff through an outage without generating again;
-5. only then commit the batch's offsets (dead-lettered ones included).
+4. only then, and once every batch polled before it is delivered too, commit its offsets
+   (dead-lettered ones included).
 
 A step that fails for one prompt (formatting, encoding: a bug that prompt triggers)
 dead-letters that prompt (``internal_error``) and the batch goes on; a failure of the
 engine itself ends the role (EngineFailure), for its supervisor to restart.
 
-Between batches it follows the adapters topic (``raft_stream.serving.ServingLedger``: the
-trainer's announcements with their gate verdicts, operators' promote, rollback, pin and
-unpin): the version the ledger targets that passes the trust checks (``roles.adapters``:
-signature, base model, lineage, place in the store, manifest, bounded checksum) and loads
-into the engine is served by the next batch (so the batch in flight finishes on the old
-one). A version that fails any of that is refused with a log line and a counted reason,
-the next candidate is tried, and the old one keeps serving.
+Every ``daemon.adapter_poll_interval_s`` the engine stage, between two batches, follows the
+adapters topic (``raft_stream.serving.ServingLedger``: the trainer's announcements with
+their gate verdicts, operators' promote, rollback, pin and unpin): the version the ledger
+targets that passes the trust checks (``roles.adapters``: signature, base model, lineage,
+place in the store, manifest, bounded checksum) and loads into the engine serves the
+batches sampled after it (the ones sampled before are delivered as they were). A version
+that fails any of that is refused with a log line and a counted reason, the next candidate
+is tried, and the old one keeps serving.
 
 Live rollback: with ``gate.rollback_samples`` set, the role compares the live reward of
 the version it serves with the one served before (``serving.LiveRewardWatch``); when it
@@ -36,11 +38,15 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import socket
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, RaftStreamError
@@ -53,23 +59,22 @@ from raft_stream.generation.base import (
 from raft_stream.metrics import RaftMetrics
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler, ScoredBatch
-from raft_stream.ranking import Selection
 from raft_stream.reasons import REWARD_ERROR, REWARD_FAILED, REWARD_TIMEOUT
 from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.roles.adapters import (
     ENGINE_ERROR,
+    FETCH_FAILED,
     GATE_REJECTED,
     AdapterFetchError,
     AdapterTrust,
     AdapterWatcher,
     adapter_store_root,
-    fetch_adapter,
     fold_checked,
     send_action,
     stored_announcement,
 )
-from raft_stream.roles.batches import BatchRunner
+from raft_stream.roles.batches import BatchPipeline
 from raft_stream.roles.delivery import (
     StreamClients,
     commit_quietly,
@@ -98,6 +103,11 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 0.5
 """Longest wait for prompts; bounds how late a heartbeat or an adapter check can be."""
+REFUSAL_RETRY_S = 30.0
+"""A version refused for a reason that may pass (its folder not readable yet, an engine
+error) is tried again after this long."""
+BUSY_POLL_S = 0.02
+"""The wait for prompts while batches are in flight: how late a finished one is seen."""
 
 # One token from a short prompt: loads an adapter into the engine (or proves the engine
 # answers) for a fraction of a batch's cost.
@@ -141,15 +151,24 @@ class GeneratorRole:
         self.batches = 0
         self._previous: AdapterVersion | None = None
         self._next_adapter_check = 0.0
+        self._adapter_check: Future[None] | None = None
+        self._target_moved_at: float | None = None
+        """When the broker got the message that moved the ledger's target (Unix s)."""
+        self._loaded_at: tuple[int, float] | None = None
+        """(version, perf_counter) of the last load, until a batch is sampled on it."""
         self.ledger = ServingLedger()
         """The adapters topic folded: which version every replica serves."""
-        self._refused: set[tuple[object, ...]] = set()
+        self._refused: dict[tuple[object, ...], float] = {}
+        """(announcement identity, rejected) -> monotonic time before which it is not
+        tried again (inf: refused for a reason that cannot pass)."""
+        self._serving_key: tuple[object, ...] | None = None
         gate = cfg.gate
         self.live = (
             None
             if gate.rollback_samples is None
             else LiveRewardWatch(gate.rollback_samples, gate.rollback_margin)
         )
+        self._live_lock = threading.Lock()
         self._rolled_back: int | None = None
         """The version this replica last sent a rollback for (sent once)."""
 
@@ -176,7 +195,7 @@ class GeneratorRole:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until shutdown; the batch in flight is finished (acked and committed)."""
+        """Serve until shutdown; the batches in flight are finished (acked and committed)."""
         topics = self.cfg.kafka.topics
         clients = open_clients(
             self.cfg.kafka,
@@ -194,12 +213,7 @@ class GeneratorRole:
             return
         watcher = AdapterWatcher(self.cfg.kafka, self.metrics.count_adapter_load_failure)
         consumer = clients.consumer
-        runner = BatchRunner(
-            consumer,
-            lambda offsets: commit_quietly(consumer, offsets, "prompts", self.metrics),
-            poll_s=POLL_TIMEOUT_S,
-            revoke_wait_s=self.cfg.kafka.max_poll_interval_ms / 1000,
-        )
+        pipeline: BatchPipeline[PromptRecord, ScoredBatch] | None = None
         try:
             self.metrics.set_served_version(self.served_version)
             pinned = self.cfg.store.pinned_version
@@ -208,53 +222,90 @@ class GeneratorRole:
             self._receive(watcher.catch_up(timeout_s=2.0))
             if pinned is None:
                 self._follow()
+            # From here on the watcher and the engine are used on the engine stage only.
+            pipeline = BatchPipeline(
+                consumer,
+                lambda offsets: commit_quietly(consumer, offsets, "prompts", self.metrics),
+                max_prompts=self.cfg.generation.max_prompts_in_flight,
+                revoke_wait_s=self.cfg.kafka.max_poll_interval_ms / 1000,
+            )
             self.ready = True
             log.info("generator serving", extra={"adapter_version": self.served_version})
             while not self.shutdown.requested:
                 self.beat()
-                self._check_adapters(watcher)
-                batch = consumer.poll(POLL_TIMEOUT_S)
-                if len(batch):
+                self._schedule_adapter_check(pipeline, watcher)
+                batch = pipeline.poll(BUSY_POLL_S if len(pipeline) else POLL_TIMEOUT_S)
+                if batch is not None:
                     self.metrics.prompts_consumed_total.inc(len(batch))
-                    scored = runner.run(batch, functools.partial(self._process, batch, clients))
-                    if scored is not None:
-                        self.batches += 1
-                        self._observe(scored)
-                        self._watch_live_reward(clients)
+                    pipeline.submit(
+                        batch,
+                        functools.partial(self._sample_batch, batch),
+                        functools.partial(self._deliver, batch, clients),
+                    )
+                for scored in pipeline.finished():
+                    self._finished(scored, clients)
                 self.metrics.consumer_lag_messages.labels(topic=topics.prompts).set(
                     clients.consumer.lag()
                 )
+            for scored in pipeline.drain():
+                self._finished(scored, clients)
         finally:
             self.ready = False
-            runner.close()
+            if pipeline is not None:
+                pipeline.close()
             watcher.close()
             clients.close()
             log.info("generator stopped", extra={"batches": self.batches})
 
-    def _process(
-        self, batch: PollBatch[PromptRecord], clients: StreamClients[PromptRecord]
-    ) -> ScoredBatch | None:
-        """Generate and deliver one batch, on BatchRunner's worker thread; the runner then
-        commits it. None: shutdown came during an outage, nothing delivered for sure, so
-        nothing is committed (whoever consumes the batch next redoes it)."""
+    def _finished(self, scored: ScoredBatch, clients: StreamClients[PromptRecord]) -> None:
+        self.batches += 1
+        self._observe(scored)
+        self._watch_live_reward(clients)
+
+    def _sample_batch(self, batch: PollBatch[PromptRecord]) -> _Sampled:
+        """The engine stage: format the batch's prompts and sample them with the version
+        served now (dead letters for the prompts that cannot be formatted or sampled)."""
         formatted, unformatted = each_record(
             batch.records, lambda r: self.formatter.format(r.value), "formatting the prompt"
         )
         letters = [*batch.dead, *unformatted]
-        scored, failed = self._sample([prompt for _, prompt in formatted])
+        started = time.perf_counter()
+        samples, tokens, failed = self._sample([prompt for _, prompt in formatted])
+        if self._loaded_at is not None and samples:
+            version, loaded = self._loaded_at
+            if samples[0].adapter_version == version:
+                self.metrics.observe_swap_phase("first_batch", time.perf_counter() - loaded)
+            self._loaded_at = None
         for index, error in failed:
             letters.append(formatted[index][0].dead_letter(GENERATION_FAILED, error))
+        records = [record for record, _ in formatted]
+        return _Sampled(records, letters, samples, tokens, time.perf_counter() - started, failed)
+
+    def _deliver(
+        self,
+        batch: PollBatch[PromptRecord],
+        clients: StreamClients[PromptRecord],
+        sampled: _Sampled,
+    ) -> ScoredBatch | None:
+        """The deliver stage: score and rank the batch's samples, send them (and its dead
+        letters) and wait for the acks; the pipeline then commits it. None: shutdown came
+        during an outage, nothing delivered for sure, so nothing is committed (whoever
+        consumes the batch next redoes it)."""
+        scored = self.sampler.rank(
+            sampled.samples, sampled.tokens, sampled.generation_s, sampled.failed
+        )
+        letters = list(sampled.letters)
         unscored = self._unscored(scored.samples)
         letters += [
             record.dead_letter(REWARD_FAILED, unscored[record.value.id])
-            for record, _ in formatted
+            for record in sampled.records
             if record.value.id in unscored
         ]
         samples = scored.selection.kept
         if self.cfg.kafka.publish_rejected:
             samples = samples + scored.selection.rejected
         samples = [sample for sample in samples if sample.prompt_id not in unscored]
-        messages, unsendable = self._encode(samples, [record for record, _ in formatted])
+        messages, unsendable = self._encode(samples, sampled.records)
         letters += unsendable
         letters_sent = False
         producer, topic = clients.producer, self.cfg.kafka.topics.samples
@@ -318,16 +369,19 @@ class GeneratorRole:
 
     # -- sampling --------------------------------------------------------------------------
 
-    def _sample(self, prompts: list[PromptRecord]) -> tuple[ScoredBatch, list[tuple[int, str]]]:
-        """Run the batch; on failure find the prompts the engine cannot take.
+    def _sample(
+        self, prompts: list[PromptRecord]
+    ) -> tuple[list[Sample], int, list[tuple[int, str]]]:
+        """Sample the batch; on failure find the prompts the engine cannot take.
 
-        Returns the scored batch of the usable prompts and (index, error) of the others.
-        Raises EngineFailure when no prompt works and the engine does not answer a probe.
+        Returns the (unscored) samples of the usable prompts, their tokens, and (index,
+        error) of the others. Raises EngineFailure when no prompt works and the engine
+        does not answer a probe.
         """
         if not prompts:
-            return _empty_batch(), []
+            return [], 0, []
         try:
-            scored = self.sampler.run(prompts, self.adapter)
+            samples, tokens, failed = self.sampler.generate_each(prompts, self.adapter)
         except EngineDeadError as err:
             # Nothing more can be sampled in this process: count it, fail the role, and let
             # the supervisor restart the process (the batch is redone, uncommitted).
@@ -337,15 +391,13 @@ class GeneratorRole:
             if self.adapter is None:
                 raise
             self._refuse(self.adapter.version, ENGINE_ERROR, err)
-            # The one served before loaded fine; a failure of that one falls back to base.
-            fallback = self._previous
-            self._now_serving(fallback)
-            self._previous = None
+            if self._serving_key is not None:  # tried again after REFUSAL_RETRY_S
+                self._refused[self._serving_key] = time.monotonic() + REFUSAL_RETRY_S
+            self._follow()  # the ledger's next candidate that loads: the base model at worst
             return self._sample(prompts)
-        failed = scored.failed
         if len(failed) == len(prompts) and not self._engine_answers():
             raise EngineFailure(f"the engine fails every prompt and a probe: {failed[0][1]}")
-        return scored, failed
+        return samples, tokens, failed
 
     def _engine_answers(self) -> bool:
         try:
@@ -373,15 +425,32 @@ class GeneratorRole:
         for version, values in sorted(rewards.items()):
             m.observe_rewards(values, version)
             if self.live is not None:
-                self.live.observe(version, values)
+                with self._live_lock:
+                    self.live.observe(version, values)
 
     # -- adapters --------------------------------------------------------------------------
 
-    def _check_adapters(self, watcher: AdapterWatcher) -> None:
+    def _schedule_adapter_check(
+        self, pipeline: BatchPipeline[PromptRecord, ScoredBatch], watcher: AdapterWatcher
+    ) -> None:
+        """Every ``daemon.adapter_poll_interval_s``, queue a look at the adapters topic on
+        the engine stage (between batches: a new version serves the batches sampled after
+        it is loaded). Raises what the last look raised."""
+        check = self._adapter_check
+        if check is not None:
+            if not check.done():
+                return
+            check.result()
         now = time.monotonic()
         if now < self._next_adapter_check:
             return
         self._next_adapter_check = now + self.cfg.daemon.adapter_poll_interval_s
+        self._adapter_check = pipeline.run_on_engine(
+            functools.partial(self._check_adapters, watcher)
+        )
+
+    def _check_adapters(self, watcher: AdapterWatcher) -> None:
+        """On the engine stage: fold what the adapters topic brought, and follow it."""
         self._receive(watcher.poll())
         if self.cfg.store.pinned_version is None:  # pinned by config: the topic waits
             self._follow()
@@ -391,17 +460,22 @@ class GeneratorRole:
         version the gate rejected is refused (``gate_rejected``). False: refused."""
         root = adapter_store_root(self.cfg)
         announcement = stored_announcement(root, version, self.trust.key)
-        return self._switch(announcement, rejected=announcement.verdict == "rejected")
+        return self._switch(announcement, rejected=announcement.verdict == "rejected") is None
 
-    def _receive(self, messages: list[AdapterAnnouncement | AdapterAction]) -> None:
+    def _receive(self, records: list[Received[AdapterAnnouncement | AdapterAction]]) -> None:
         """Fold the adapters topic's new messages into the ledger; a message that fails
         its claims (signature, base model, lineage) is refused, counted and skipped."""
 
         def refused(message: AdapterAnnouncement | AdapterAction, err: AdapterFetchError) -> None:
             self._refuse(message.version or 0, err.reason, err)
 
+        target = self.ledger.target()
+        messages = [record.value for record in records]
         for action in fold_checked(self.ledger, messages, self.trust, refused):
             self._record(action)
+        if records and self.ledger.target() != target:
+            # When the broker got the last of them: the message that moved the target.
+            self._target_moved_at = records[-1].timestamp_ms / 1000
 
     def _record(self, action: AdapterAction) -> None:
         log.info(
@@ -421,47 +495,72 @@ class GeneratorRole:
 
     def _follow(self) -> None:
         """Serve the ledger's target, or the best candidate after it that loads; stay on
-        the served version when it comes first (serving.ServingLedger.candidates)."""
+        the served version when it comes first, unless it failed in the engine
+        (serving.ServingLedger.candidates)."""
+        now = time.monotonic()
         for version in self.ledger.candidates():
-            if version == self.served_version or self._serve(version):
+            failed = self._refused.get(self._serving_key or (), 0.0) > now
+            if (version == self.served_version and not failed) or self._serve(version):
                 return
 
     def _serve(self, version: int) -> bool:
+        """Switch to ``version`` (an announcement of it that was not refused, or refused
+        for a reason that may pass and long enough ago); False: none could serve."""
         if version == BASE_VERSION:
             self._now_serving(None)
+            self._serving_key = None
             log.info("serving the base model", extra={"previous_version": self._previous_version})
             return True
+        rejected = self.ledger.rejected(version)
+        now = time.monotonic()
         for announcement in reversed(self.ledger.announced.get(version, [])):
-            identity = _identity(announcement)
-            if identity in self._refused:
+            key = (*_identity(announcement), rejected)  # a promotion makes it a new case
+            if self._refused.get(key, 0.0) > now:
                 continue
-            if self._switch(announcement, rejected=self.ledger.rejected(version)):
+            reason = self._switch(announcement, rejected=rejected)
+            if reason is None:
+                self._serving_key = key
                 return True
-            self._refused.add(identity)
+            retry = REFUSAL_RETRY_S if reason in (FETCH_FAILED, ENGINE_ERROR) else math.inf
+            self._refused[key] = now + retry
         return False
 
-    def _switch(self, announcement: AdapterAnnouncement, *, rejected: bool) -> bool:
-        """Fetch, verify and load a version; the next batch uses it. False: refused."""
+    def _switch(self, announcement: AdapterAnnouncement, *, rejected: bool) -> str | None:
+        """Fetch, verify and load a version; the next batch uses it. Returns why it was
+        refused (one of REFUSAL_REASONS), or None."""
         if rejected:  # a pin too: a rejected version serves only once an operator promotes it
             self._refuse(
                 announcement.version,
                 GATE_REJECTED,
                 AdapterError("the promotion gate rejected this version"),
             )
-            return False
+            return GATE_REJECTED
         started = time.perf_counter()
+        phases: dict[str, float] = {}
+        if self._target_moved_at is not None:
+            phases["detect"] = time.time() - self._target_moved_at
         try:
-            adapter = fetch_adapter(announcement, self.trust)
+            self.trust.check_claims(announcement)
+            path = self.trust.locate(announcement)
+            phases["fetch"] = time.perf_counter() - started
+            adapter = self.trust.verify(announcement, path)
+            phases["verify"] = time.perf_counter() - started - phases["fetch"]
         except AdapterFetchError as err:
             self._refuse(announcement.version, err.reason, err)
-            return False
+            return err.reason
         try:
             # Load it now, not in the next batch: a bad folder fails here, and a batch
             # never pays for the load.
+            loading = time.perf_counter()
             self.generator.generate([self.formatter.text("hello")], _PROBE, adapter)
+            self._loaded_at = (adapter.version, time.perf_counter())
+            phases["load"] = self._loaded_at[1] - loading
         except Exception as err:  # the engine raises assorted types for a bad adapter
             self._refuse(announcement.version, ENGINE_ERROR, err)
-            return False
+            return ENGINE_ERROR
+        for phase, seconds in phases.items():
+            self.metrics.observe_swap_phase(phase, seconds)
+        self._target_moved_at = None
         # Only a verified version is recorded: a forged one must not move the gauge.
         self.metrics.set_stored_version(adapter.version, adapter.created_at)
         self._now_serving(adapter)
@@ -474,13 +573,14 @@ class GeneratorRole:
                 "since_stored_s": round(time.time() - adapter.created_at, 3),
             },
         )
-        return True
+        return None
 
     def _now_serving(self, adapter: AdapterVersion | None) -> None:
         self._previous, self.adapter = self.adapter, adapter
         self.metrics.set_served_version(self.served_version)
         if self.live is not None:
-            self.live.served(self.served_version)
+            with self._live_lock:  # the engine stage switches, the loop observes
+                self.live.served(self.served_version)
 
     @property
     def _previous_version(self) -> int:
@@ -489,10 +589,13 @@ class GeneratorRole:
     def _watch_live_reward(self, clients: StreamClients[PromptRecord]) -> None:
         """Roll back, on every replica, a version whose live reward regressed: send the
         rollback on the adapters topic, and follow it from there like any action."""
-        regression = self.live.regression() if self.live is not None else None
+        with self._live_lock:
+            regression = self.live.regression() if self.live is not None else None
         lineage = self.trust.lineage()
         if regression is None or lineage is None or self._rolled_back == regression.version:
             return
+        if not self.ledger.may_roll_back(regression.version):
+            return  # pinned, already rolled back, or promoted by an operator
         reason = regression.describe(self.cfg.gate.rollback_margin)
         action = AdapterAction(
             action="rollback",
@@ -540,5 +643,15 @@ def _identity(announcement: AdapterAnnouncement) -> tuple[object, ...]:
     return (a.version, a.sha256, a.uri, a.lineage, a.verdict, a.signature)
 
 
-def _empty_batch() -> ScoredBatch:
-    return ScoredBatch(samples=[], selection=Selection(), tokens=0, generation_s=0.0, reward_s=0.0)
+@dataclass(frozen=True)
+class _Sampled:
+    """What the engine stage hands the deliver stage."""
+
+    records: list[Received[PromptRecord]]
+    """The batch's usable records (formatted), in poll order."""
+    letters: list[DeadLetter]
+    samples: list[Sample]
+    """Unscored."""
+    tokens: int
+    generation_s: float
+    failed: list[tuple[int, str]]

@@ -33,6 +33,7 @@ stored (counted, not dead-lettered).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -194,6 +195,7 @@ class TrainerRole:
         # its set is complete); None stores every version unjudged.
         self.judge: CanaryJudge | None = None
         self.canaries: CanaryCollector | None = None
+        self._canary_wait_logged = -math.inf
         self._gate_reward: SafeReward | None = None
         try:
             if cfg.gate.canary_prompts is not None or cfg.gate.canary_share > 0:
@@ -295,6 +297,26 @@ class TrainerRole:
             clients.close()
             log.info("trainer stopped", extra={"rounds": self.rounds, "failures": self.failures})
 
+    def _canary_set_ready(self) -> bool:
+        """True unless rounds wait for the canary set (``gate.canary_share``); says so in
+        the log once a minute while a batch waits."""
+        if self.canaries is None or self.canaries.complete:
+            return True
+        now = time.monotonic()
+        if now >= self._canary_wait_logged + 60:
+            self._canary_wait_logged = now
+            log.warning(
+                "a training batch waits for the canary set: the stream has brought too few "
+                "canary prompts yet (about canary_stream_prompts / canary_share distinct "
+                "prompts are needed)",
+                extra={
+                    "canary_prompts": len(self.canaries.prompts),
+                    "needed": self.canaries.size,
+                    "canary_share": self.cfg.gate.canary_share,
+                },
+            )
+        return False
+
     def _judge_the_canaries(self) -> None:
         assert self.canaries is not None and self._gate_reward is not None
         records = list(self.canaries.prompts.values())
@@ -367,7 +389,7 @@ class TrainerRole:
             and not self.shutdown.requested
             and time.monotonic() >= self._retry_at
             and self.buffer.batch_ready()
-            and (self.canaries is None or self.canaries.complete)
+            and self._canary_set_ready()
         ):
             served = self._versions_served()
             batch = self.buffer.peek_batch()

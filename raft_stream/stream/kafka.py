@@ -317,6 +317,7 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         """Called (on kafka-python's IO thread) with the partitions a rebalance takes
         away, before they go; a Handover makes the rebalance wait for a batch in hand
         and commit it. It must not block."""
+        self.max_poll_records = max_poll_records
         self._consumer = KafkaConsumer(
             **kafka_client_kwargs(cfg),
             group_id=group_id,
@@ -336,12 +337,25 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
             raise ValueError(f"topic {topic!r} does not exist; create it first (ensure_topics)")
         self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
 
-    def poll(self, timeout_s: float) -> PollBatch[T]:
-        """Wait up to ``timeout_s`` for records. Keep calling it while paused: polling is
-        what keeps this member in its group."""
-        if self._journal is not None:
+    def poll(
+        self, timeout_s: float, *, max_records: int | None = None, holding: bool = False
+    ) -> PollBatch[T]:
+        """Wait up to ``timeout_s`` for at most ``max_records`` records (and at most the
+        consumer's ``max_poll_records``). Keep calling it while paused: polling is what
+        keeps this member in its group.
+
+        A poll tells the crash journal that the records handed out before were handled,
+        unless ``holding``: the caller still holds them (a pipeline), and commits release
+        them instead.
+        """
+        if self._journal is not None and not holding:
             self._journal.handled()
-        polled = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+        limit = (
+            self.max_poll_records
+            if max_records is None
+            else min(max_records, self.max_poll_records)
+        )
+        polled = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=limit)
         dead: list[DeadLetter] = []
         if self._journal is not None and polled:
             screened = self._journal.screen(polled)
@@ -402,6 +416,12 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
             raise CommitError(f"commit of {dict(offsets)} failed: {exc}") from exc
         if self._journal is not None:
             self._journal.handled(offsets)
+
+    @property
+    def suspects(self) -> bool:
+        """True while the crash journal hands out records one at a time (each must be
+        the only one in hand when it is handled)."""
+        return self._journal is not None and bool(self._journal.suspects)
 
     @property
     def paused(self) -> bool:

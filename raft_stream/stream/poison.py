@@ -122,13 +122,28 @@ class CrashJournal:
 
     def handled(self, committed: Mapping[TopicPartition, int] | None = None) -> None:
         """The caller is done with what it holds: all of it (it polls again), or, given
-        ``committed`` (partition -> last offset committed, inclusive), what that covers."""
+        ``committed`` (partition -> last offset committed, inclusive), what that covers
+        (a pipeline holding later records still holds those)."""
         done = [
             tp
             for tp, e in self._entries.items()
             if e.held is not None and (committed is None or committed.get(tp, -1) >= e.held[1])
         ]
+        partly = {
+            tp: committed[tp] + 1
+            for tp, e in self._entries.items()
+            if committed is not None
+            and e.held is not None
+            and e.suspects is None
+            and e.held[0] <= committed.get(tp, -1) < e.held[1]
+        }
+        for tp, first in partly.items():
+            held = self._entries[tp].held
+            assert held is not None
+            self._entries[tp] = replace(self._entries[tp], held=(first, held[1]))
         if not done:
+            if partly:
+                self._write()
             return
         for tp in done:
             after = self._entries[tp].after_handled()
@@ -161,7 +176,9 @@ class CrashJournal:
             if index is not None and batch[index].offset > last:
                 entry, index = _Partition(), None  # the suspects never came back
         if index is None:
-            self._entries[tp] = replace(entry, held=(batch[0].offset, batch[-1].offset))
+            # Records still held (a pipeline) stay held: the range grows.
+            first = entry.held[0] if entry.held is not None else batch[0].offset
+            self._entries[tp] = replace(entry, held=(first, batch[-1].offset))
             out.records[tp] = batch
             return
         assert entry.suspects is not None

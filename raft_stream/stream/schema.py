@@ -531,8 +531,10 @@ def _announcement(obj: dict[str, Any]) -> AdapterAnnouncement:
         raise MessageError(
             "bad_field_type", f"verdict must be one of {VERDICTS}, got {show(verdict)}"
         )
+    version = _version_field(obj, "version", required=True)
+    assert version is not None
     return AdapterAnnouncement(
-        version=_field(obj, "version", "int"),
+        version=version,
         sha256=_field(obj, "sha256", "str"),
         uri=_field(obj, "uri", "str"),
         base_model=_field(obj, "base_model", "str"),

@@ -4,9 +4,13 @@
 2. serial RAFT: generate a batch, then (when a streaming batch fills) train before the
    next batch — what a loop without background training does;
 3. the all-in-one daemon (``raft-stream run``) against the embedded broker: from the first
-   prompt produced to the last prompt's samples on the samples topic.
+   prompt produced to the last prompt's samples on the samples topic, three ways: with
+   training paused (``buffer.batch_size`` and ``capacity`` 100000, so no round starts)
+   one batch at a time (``generation.max_prompts_in_flight`` = ``kafka.poll_max_records``:
+   the loop before the pipeline) and pipelined (the default); then pipelined with training,
+   serving adapters through vLLM's LoRA path and merged into the weights.
 
-Reports samples/s and tokens/s of each, the daemon/raw ratio, streaming/serial wall time,
+Reports samples/s and tokens/s of each, the daemon/raw ratios, streaming/serial wall time,
 and adapter swap latency (stored → first sample generated on it).
 
     python bench/daemon.py                 # tiny model, 256 prompts, K=4
@@ -34,6 +38,7 @@ from raft_stream.config import RaftConfig, load_config
 from raft_stream.data.models import resolve_model
 from raft_stream.data.tiny_model import tiny_prompts
 from raft_stream.generation.base import SamplingParams
+from raft_stream.generation.engine_dtype import cpu_identity
 from raft_stream.generation.vllm_backend import VLLMGenerator
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
@@ -121,9 +126,29 @@ def _ready(url: str) -> bool:
         return False
 
 
+def daemon_variant(cfg: RaftConfig, name: str, workdir: Path, **settings: Any) -> RaftConfig:
+    """``cfg`` with topics, groups and state of its own (each run starts afresh) and
+    ``settings`` (dotted keys)."""
+    topics = cfg.kafka.topics
+    overrides: dict[str, Any] = {
+        **cfg.model_dump(mode="json"),
+        "kafka.topics.prompts": f"{topics.prompts}.{name}",
+        "kafka.topics.samples": f"{topics.samples}.{name}",
+        "kafka.topics.adapters": f"{topics.adapters}.{name}",
+        "kafka.topics.dead_letter": f"{topics.dead_letter}.{name}",
+        "kafka.generator_group": f"{cfg.kafka.generator_group}.{name}",
+        "kafka.trainer_group": f"{cfg.kafka.trainer_group}.{name}",
+        "store.root": str(workdir / name / "adapters"),
+        "daemon.state_dir": str(workdir / name / "state"),
+        **settings,
+    }
+    return load_config(overrides=overrides)
+
+
 def run_daemon(
     cfg: RaftConfig, prompts_file: Path, n_prompts: int, workdir: Path
 ) -> dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "daemon.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     kafka = cfg.kafka
@@ -205,42 +230,76 @@ def main() -> None:
         )
         console.print("raw vLLM and serial RAFT ...")
         plain = run_raw_and_serial(cfg, model_path, records, workdir)
-        console.print("all-in-one daemon ...")
-        streaming = run_daemon(cfg, prompts_file, args.prompts, workdir)
-    result = {"model": args.model, "prompts": args.prompts, "k": 4, **plain, **streaming}
+        paused = {"buffer.batch_size": 100_000, "buffer.capacity": 100_000}
+        one_batch = cfg.kafka.poll_max_records
+        variants = {
+            "one batch, paused": (
+                "serial",
+                {**paused, "generation.max_prompts_in_flight": one_batch},
+            ),
+            "pipelined, paused": ("pipelined", paused),
+            "pipelined, training": ("training", {}),
+            "pipelined, merged, training": (
+                "merged",
+                {"generation.adapter_serving": "merged"},
+            ),
+        }
+        runs = {}
+        for label, (name, settings) in variants.items():
+            console.print(f"all-in-one daemon: {label} ...")
+            variant = daemon_variant(cfg, name, workdir, **settings)
+            runs[label] = run_daemon(variant, prompts_file, args.prompts, workdir / name)
     raw_tps = plain["raw_tokens"] / plain["raw_s"]
-    daemon_tps = streaming["daemon_tokens"] / streaming["daemon_s"]
-    result |= {
+    result = {
+        "model": args.model,
+        "prompts": args.prompts,
+        "k": 4,
+        "cpu": cpu_identity(),
+        **plain,
         "raw_tokens_per_s": raw_tps,
-        "daemon_tokens_per_s": daemon_tps,
-        "daemon_over_raw": daemon_tps / raw_tps,
-        "streaming_over_serial_wall": streaming["daemon_s"] / plain["serial_s"],
+        "daemon": runs,
     }
     table = Table(title=f"daemon vs plain alternatives ({args.model}, {args.prompts} prompts, K=4)")
-    for column in ("run", "wall s", "samples/s", "tokens/s", "adapter versions"):
+    for column in ("run", "wall s", "samples/s", "tokens/s", "x raw", "versions", "swap p50 s"):
         table.add_column(column, justify="right")
     table.add_row(
         "raw vLLM",
         f"{plain['raw_s']:.1f}",
         f"{plain['raw_samples'] / plain['raw_s']:.1f}",
         f"{raw_tps:.0f}",
+        "1.00",
+        "-",
         "-",
     )
-    table.add_row("serial RAFT", f"{plain['serial_s']:.1f}", "", "", str(plain["serial_versions"]))
     table.add_row(
-        "daemon (streaming)",
-        f"{streaming['daemon_s']:.1f}",
-        f"{streaming['daemon_samples'] / streaming['daemon_s']:.1f}",
-        f"{daemon_tps:.0f}",
-        str(streaming["daemon_versions"]),
+        "serial RAFT", f"{plain['serial_s']:.1f}", "", "", "", str(plain["serial_versions"]), ""
     )
+    for label, run in runs.items():
+        tps = run["daemon_tokens"] / run["daemon_s"]
+        run["daemon_tokens_per_s"] = tps
+        run["daemon_over_raw"] = tps / raw_tps
+        swaps = run["swap_latency_s"]
+        run["swap_latency_median_s"] = statistics.median(swaps) if swaps else None
+        table.add_row(
+            f"daemon: {label}",
+            f"{run['daemon_s']:.1f}",
+            f"{run['daemon_samples'] / run['daemon_s']:.1f}",
+            f"{tps:.0f}",
+            f"{tps / raw_tps:.2f}",
+            str(run["daemon_versions"]),
+            f"{run['swap_latency_median_s']:.2f}" if swaps else "-",
+        )
     console.print(table)
-    swaps = streaming["swap_latency_s"]
+    training = runs["pipelined, training"]
+    result["streaming_over_serial_wall"] = training["daemon_s"] / plain["serial_s"]
+    speedup = (
+        runs["pipelined, paused"]["daemon_tokens_per_s"]
+        / runs["one batch, paused"]["daemon_tokens_per_s"]
+    )
+    result["pipelined_over_one_batch"] = speedup
     console.print(
-        f"daemon/raw tokens/s: {result['daemon_over_raw']:.2f}   "
-        f"streaming/serial wall: {result['streaming_over_serial_wall']:.2f}   "
-        f"swap latency median: {statistics.median(swaps) if swaps else float('nan'):.2f} s "
-        f"({len(swaps)} swaps)"
+        f"pipelined/one batch (paused): {speedup:.2f}   "
+        f"streaming/serial wall: {result['streaming_over_serial_wall']:.2f}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

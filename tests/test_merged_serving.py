@@ -1,0 +1,92 @@
+"""Merged adapter serving (``generation.adapter_serving: merged``, issue 12): the adapter
+merged into vLLM's weights in place gives what vLLM's LoRA path gives, at temperature 0:
+the same token ids, each token's log-prob within 1e-3, for each of three versions and
+after switching back and forth. The merge itself equals peft's ``merge_and_unload``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from raft_stream.config import GenerationConfig, ModelConfig
+from raft_stream.errors import AdapterError
+from raft_stream.generation.base import SamplingParams
+from raft_stream.generation.merged_weights import BaseWeights, merged_weights
+from raft_stream.types import AdapterVersion, Completion
+
+PROMPTS = ["the movie was", "honestly, the soundtrack was", "i thought the plot was"]
+GREEDY = SamplingParams(n=1, max_new_tokens=16, temperature=0.0, seed=0)
+LOGPROB_TOLERANCE = 1e-3
+
+
+def test_the_merge_equals_peft_merge_and_unload(
+    tiny_model_dir: Path, tiny_lora_adapters: list[AdapterVersion]
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tiny_lora_adapters[0]
+    ours = merged_weights(BaseWeights(tiny_model_dir), adapter.path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    theirs = PeftModel.from_pretrained(base, adapter.path).merge_and_unload().state_dict()
+    assert len(ours) == 8  # q, k, v, o of the tiny model's 2 layers
+    for name, weight in ours.items():
+        torch.testing.assert_close(weight, theirs[name], rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapter_it_cannot_merge_faithfully_is_refused(
+    tiny_model_dir: Path, tiny_lora_adapters: list[AdapterVersion], tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "dora"
+    shutil.copytree(tiny_lora_adapters[0].path, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(AdapterError, match="use_dora"):
+        merged_weights(BaseWeights(tiny_model_dir), folder)
+
+
+@pytest.fixture(scope="module")
+def merged_engine(tiny_model_dir: Path) -> Iterator[object]:
+    from raft_stream.generation.vllm_backend import VLLMGenerator
+
+    engine = VLLMGenerator(
+        str(tiny_model_dir),
+        ModelConfig(max_model_len=256),
+        GenerationConfig(adapter_serving="merged"),
+    )
+    yield engine
+    engine.close()
+
+
+def _same(merged: list[list[Completion]], lora: list[list[Completion]]) -> None:
+    for ours, theirs in zip(merged, lora, strict=True):
+        assert ours[0].token_ids == theirs[0].token_ids, (ours[0].text, theirs[0].text)
+        assert ours[0].logprobs is not None and theirs[0].logprobs is not None
+        gap = max(abs(a - b) for a, b in zip(ours[0].logprobs, theirs[0].logprobs, strict=True))
+        assert gap < LOGPROB_TOLERANCE
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_merged_serving_gives_the_lora_paths_outputs_at_temperature_zero(
+    merged_engine: object,
+    vllm_generator: object,
+    tiny_lora_adapters: list[AdapterVersion],
+) -> None:
+    from raft_stream.generation.vllm_backend import VLLMGenerator
+
+    assert isinstance(merged_engine, VLLMGenerator) and isinstance(vllm_generator, VLLMGenerator)
+    base = merged_engine.generate(PROMPTS, GREEDY, None)
+    order = [*tiny_lora_adapters, None, tiny_lora_adapters[0]]  # and back again
+    for adapter in order:
+        merged = merged_engine.generate(PROMPTS, GREEDY, adapter)
+        _same(merged, vllm_generator.generate(PROMPTS, GREEDY, adapter))
+        if adapter is not None:
+            assert [c[0].text for c in merged] != [c[0].text for c in base]
+    assert merged_engine.last_stats is not None

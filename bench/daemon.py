@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -148,7 +149,8 @@ def daemon_variant(cfg: RaftConfig, name: str, workdir: Path, **settings: Any) -
 def run_daemon(
     cfg: RaftConfig, prompts_file: Path, n_prompts: int, workdir: Path
 ) -> dict[str, Any]:
-    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # no store or state of an earlier run
+    workdir.mkdir(parents=True)
     config_path = workdir / "daemon.yaml"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     kafka = cfg.kafka
@@ -188,9 +190,9 @@ def run_daemon(
         with JsonConsumer(
             kafka, kafka.topics.adapters, lambda v, _w: json.loads(v), group_id=None
         ) as consumer:
-            announced = {
-                a.value["version"]: a.value["created_at"] for a in consumer.poll(5.0).records
-            }
+            messages = [a.value for a in consumer.poll(5.0).records]
+        announced = {m["version"]: m["created_at"] for m in messages if "action" not in m}
+        rollbacks = sum(m.get("action") == "rollback" for m in messages)
     finally:
         daemon.terminate()
         daemon.wait(timeout=120)
@@ -201,6 +203,7 @@ def run_daemon(
         "daemon_tokens": tokens,
         "daemon_samples": samples,
         "daemon_versions": max(first_on, default=0),
+        "rollbacks": rollbacks,
         "swap_latency_s": swaps,
     }
 
@@ -286,7 +289,7 @@ def main() -> None:
             f"{run['daemon_samples'] / run['daemon_s']:.1f}",
             f"{tps:.0f}",
             f"{tps / raw_tps:.2f}",
-            str(run["daemon_versions"]),
+            f"{run['daemon_versions']} ({run['rollbacks']} rollbacks)",
             f"{run['swap_latency_median_s']:.2f}" if swaps else "-",
         )
     console.print(table)

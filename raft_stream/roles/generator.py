@@ -169,6 +169,8 @@ class GeneratorRole:
             else LiveRewardWatch(gate.rollback_samples, gate.rollback_margin)
         )
         self._live_lock = threading.Lock()
+        self._ledger_lock = threading.Lock()
+        """The engine stage folds the adapters topic into ``ledger``; the loop reads it."""
         self._rolled_back: int | None = None
         """The version this replica last sent a rollback for (sent once)."""
 
@@ -252,6 +254,11 @@ class GeneratorRole:
                 )
             for scored in pipeline.drain():
                 self._finished(scored, clients)
+        except BaseException:
+            # The stages must not retry deliveries through an outage while the role fails:
+            # closing the pipeline waits for them.
+            self.shutdown.request("the generator failed")
+            raise
         finally:
             self.ready = False
             if pipeline is not None:
@@ -393,10 +400,15 @@ class GeneratorRole:
         except AdapterError as err:
             if self.adapter is None:
                 raise
-            self._refuse(self.adapter.version, ENGINE_ERROR, err)
+            broken = self.adapter
+            self._refuse(broken.version, ENGINE_ERROR, err)
             if self._serving_key is not None:  # tried again after REFUSAL_RETRY_S
                 self._refused[self._serving_key] = time.monotonic() + REFUSAL_RETRY_S
-            self._follow()  # the ledger's next candidate that loads: the base model at worst
+            if self.cfg.store.pinned_version is None:
+                self._follow()  # the ledger's next candidate that loads
+            if self.adapter is broken:  # pinned, or nothing else loads: the base model
+                self._now_serving(None)
+                self._serving_key = None
             return self._sample(prompts)
         if len(failed) == len(prompts) and not self._engine_answers():
             raise EngineFailure(f"the engine fails every prompt and a probe: {failed[0][1]}")
@@ -474,7 +486,9 @@ class GeneratorRole:
 
         target = self.ledger.target()
         messages = [record.value for record in records]
-        for action in fold_checked(self.ledger, messages, self.trust, refused):
+        with self._ledger_lock:  # the loop's live-rollback check reads it
+            applied = fold_checked(self.ledger, messages, self.trust, refused)
+        for action in applied:
             self._record(action)
         if records and self.ledger.target() != target:
             # When the broker got the last of them: the message that moved the target.
@@ -597,7 +611,9 @@ class GeneratorRole:
         lineage = self.trust.lineage()
         if regression is None or lineage is None or self._rolled_back == regression.version:
             return
-        if not self.ledger.may_roll_back(regression.version):
+        with self._ledger_lock:  # the engine stage folds into it
+            may = self.ledger.may_roll_back(regression.version)
+        if not may:
             return  # pinned, already rolled back, or promoted by an operator
         reason = regression.describe(self.cfg.gate.rollback_margin)
         action = AdapterAction(

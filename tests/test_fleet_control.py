@@ -271,8 +271,18 @@ def test_a_version_worse_in_live_traffic_is_rolled_back_on_every_replica(
                 120,
                 "a window of live rewards on v1 in each replica",
             )
-            feeder.on.clear()  # both switch to v2 before it answers anything
-            time.sleep(2)
+            # Both switch to v2 before it answers anything: every prompt fed so far is
+            # answered first (else v2 could be rolled back before both served it).
+            feeder.on.clear()
+            lag = {"topic": topics.prompts}
+            wait_for(
+                lambda: all(
+                    r.metric("raft_stream_consumer_lag_messages", **lag) == 0 for r in fleet
+                ),
+                60,
+                "the prompts fed so far answered",
+            )
+            time.sleep(2)  # and the batches in flight delivered
             announce_all(cfg, v2)
             all_serve(fleet, 2, 30, "v2")
             feeder.on.set()

@@ -70,6 +70,7 @@ from raft_stream.roles.adapters import (
     AdapterTrust,
     AdapterWatcher,
     adapter_store_root,
+    fetch_adapter,
     fold_checked,
     send_action,
     stored_announcement,
@@ -557,11 +558,7 @@ class GeneratorRole:
         if self._target_moved_at is not None:
             phases["detect"] = time.time() - self._target_moved_at
         try:
-            self.trust.check_claims(announcement)
-            path = self.trust.locate(announcement)
-            phases["fetch"] = time.perf_counter() - started
-            adapter = self.trust.verify(announcement, path)
-            phases["verify"] = time.perf_counter() - started - phases["fetch"]
+            adapter = fetch_adapter(announcement, self.trust, phases)
         except AdapterFetchError as err:
             self._refuse(announcement.version, err.reason, err)
             return err.reason

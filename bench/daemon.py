@@ -13,7 +13,7 @@
 Reports samples/s and tokens/s of each, the daemon/raw ratios, streaming/serial wall time,
 and adapter swap latency (stored → first sample generated on it).
 
-    python bench/daemon.py                 # tiny model, 256 prompts, K=4
+    python bench/daemon.py                 # tiny model, 512 prompts, K=4
     python bench/daemon.py --model demo --prompts 64
 """
 
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,12 +46,16 @@ from raft_stream.generation.vllm_backend import VLLMGenerator
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
 from raft_stream.rewards.registry import build_safe_reward
+from raft_stream.roles.cpu_split import BIND_ENV, bind_generation, split_cores
 from raft_stream.stream.broker import EmbeddedBroker
-from raft_stream.stream.kafka import JsonConsumer, ensure_topics
-from raft_stream.stream.tools import produce_file
+from raft_stream.stream.kafka import JsonConsumer, StreamProducer, ensure_topics
 from raft_stream.training.lora_trainer import LoRATrainer
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import PromptRecord
+
+PY_SPY = shutil.which("py-spy") or "py-spy"
+PY_SPY_FLAGS = ["--subprocesses", "--threads", "--format", "raw"]
+"""Every process and thread, waits included, as collapsed stacks (one line a stack)."""
 
 
 def bench_config(model: str, bootstrap: str, workdir: Path, port: int) -> RaftConfig:
@@ -78,22 +84,47 @@ def batches(prompts: list[PromptRecord], size: int) -> list[list[PromptRecord]]:
     return [prompts[i : i + size] for i in range(0, len(prompts), size)]
 
 
+CAPTION = (
+    "daemon: from the first prompt sent to the last prompt's samples received, the group "
+    "joined before; the all-in-one daemon binds vLLM to its generation cores and keeps the "
+    "others for training (roles/cpu_split.py), even while training is paused"
+)
+
+
+def sample_raw(
+    generator: VLLMGenerator, prompts: list[PromptRecord], size: int, params: SamplingParams
+) -> dict[str, float]:
+    """Raw vLLM: the prompts in batches of ``size``, after one batch to warm the engine."""
+    generator.generate([p.text for p in prompts[:size]], params)
+    started = time.perf_counter()
+    tokens = samples = 0
+    for batch in batches(prompts, size):
+        outputs = generator.generate([p.text for p in batch], params)
+        tokens += sum(c.num_tokens for row in outputs for c in row)
+        samples += sum(len(row) for row in outputs)
+    return {"s": time.perf_counter() - started, "tokens": tokens, "samples": samples}
+
+
 def run_raw_and_serial(
     cfg: RaftConfig, model_path: str, prompts: list[PromptRecord], workdir: Path
 ) -> dict[str, Any]:
-    """Raw vLLM and the serial generate-then-train loop, on one engine."""
+    """Raw vLLM on every core and on the cores the all-in-one daemon gives generation
+    (``roles.cpu_split``), and the serial generate-then-train loop."""
+    params = SamplingParams.from_config(cfg.generation.sampling)
+    size = cfg.kafka.poll_max_records
+    split = split_cores(cfg.training.cpu_cores)
+    raw_split = None
+    if split is not None:
+        bind_generation(split)  # read by the engine's worker when it starts
+        generator = VLLMGenerator(model_path, cfg.model, cfg.generation)
+        try:
+            raw_split = sample_raw(generator, prompts, size, params)
+        finally:
+            generator.close()
+            del os.environ[BIND_ENV]
     generator = VLLMGenerator(model_path, cfg.model, cfg.generation)
     try:
-        params = SamplingParams.from_config(cfg.generation.sampling)
-        size = cfg.kafka.poll_max_records
-        started = time.perf_counter()
-        tokens = samples = 0
-        for batch in batches(prompts, size):
-            outputs = generator.generate([p.text for p in batch], params)
-            tokens += sum(c.num_tokens for row in outputs for c in row)
-            samples += sum(len(row) for row in outputs)
-        raw_s = time.perf_counter() - started
-
+        raw = sample_raw(generator, prompts, size, params)
         sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, params)
         trainer = LoRATrainer(model_path, cfg.training)
         store = AdapterStore(workdir / "serial-adapters", base_model=model_path)
@@ -111,9 +142,12 @@ def run_raw_and_serial(
     finally:
         generator.close()
     return {
-        "raw_s": raw_s,
-        "raw_tokens": tokens,
-        "raw_samples": samples,
+        "raw_s": raw["s"],
+        "raw_tokens": raw["tokens"],
+        "raw_samples": raw["samples"],
+        "raw_generation_cores": None if split is None else list(split.generation),
+        "raw_on_generation_cores_s": None if raw_split is None else raw_split["s"],
+        "raw_on_generation_cores_tokens": None if raw_split is None else raw_split["tokens"],
         "serial_s": serial_s,
         "serial_versions": adapter.version if adapter else 0,
     }
@@ -147,8 +181,14 @@ def daemon_variant(cfg: RaftConfig, name: str, workdir: Path, **settings: Any) -
 
 
 def run_daemon(
-    cfg: RaftConfig, prompts_file: Path, n_prompts: int, workdir: Path
+    cfg: RaftConfig,
+    prompts_file: Path,
+    n_prompts: int,
+    workdir: Path,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
+    """``profile``: record the daemon and its engine process with py-spy into this file
+    (collapsed stacks by thread: ``py-spy record --format raw``)."""
     shutil.rmtree(workdir, ignore_errors=True)  # no store or state of an earlier run
     workdir.mkdir(parents=True)
     config_path = workdir / "daemon.yaml"
@@ -162,25 +202,39 @@ def run_daemon(
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{cfg.server.port}"
+    spy: subprocess.Popen[bytes] | None = None
     try:
         deadline = time.monotonic() + 600
         while not _ready(url):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the daemon did not get ready; see {workdir}/daemon.log")
             time.sleep(0.5)
-        started = time.time()
-        produce_file(kafka, prompts_file)
+        if profile is not None:  # the streaming part only, not the engine's start
+            spy = subprocess.Popen(
+                [PY_SPY, "record", "--pid", str(daemon.pid), *PY_SPY_FLAGS, "-o", str(profile)],
+                stdout=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # attached
         seen: set[str] = set()
         first_on: dict[int, float] = {}
         tokens = samples = 0
-        with JsonConsumer(
-            kafka, kafka.topics.samples, lambda v, _w: json.loads(v), group_id=None
-        ) as consumer:
+        first_sample: float | None = None
+        lines = prompts_file.read_bytes().splitlines()
+        with (  # both connected before the clock starts: the bench's costs, not the daemon's
+            StreamProducer(kafka) as producer,
+            JsonConsumer(
+                kafka, kafka.topics.samples, lambda v, _w: json.loads(v), group_id=None
+            ) as consumer,
+        ):
+            started = time.time()
+            producer.wait_all((producer.send_bytes(kafka.topics.prompts, v) for v in lines), 60)
             while len(seen) < n_prompts:
                 if time.time() - started > 1800:
                     raise RuntimeError("the daemon did not finish the prompts in 30 minutes")
                 for record in consumer.poll(1.0).records:
                     sample = record.value
+                    if first_sample is None:
+                        first_sample = sample["created_at"]
                     seen.add(sample["prompt_id"])
                     tokens += sample["response_tokens"]
                     samples += 1
@@ -194,12 +248,16 @@ def run_daemon(
         announced = {m["version"]: m["created_at"] for m in messages if "action" not in m}
         rollbacks = sum(m.get("action") == "rollback" for m in messages)
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes what it recorded
+            spy.wait(timeout=60)
         daemon.terminate()
         daemon.wait(timeout=120)
         log.close()
     swaps = [first_on[v] - created for v, created in announced.items() if v in first_on]
     return {
         "daemon_s": wall,
+        "first_sample_s": (first_sample or started) - started,
         "daemon_tokens": tokens,
         "daemon_samples": samples,
         "daemon_versions": max(first_on, default=0),
@@ -211,9 +269,21 @@ def run_daemon(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--prompts", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("bench/results/daemon.json"))
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-daemon"))
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="run only these daemon variants (by name: serial, "
+        "pipelined, training, merged); repeatable",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="record each daemon with py-spy "
+        "(pip install py-spy) into WORKDIR/NAME.profile.txt (collapsed stacks, by thread)",
+    )
     args = parser.parse_args()
     console = Console()
     workdir = args.workdir
@@ -235,7 +305,7 @@ def main() -> None:
         plain = run_raw_and_serial(cfg, model_path, records, workdir)
         paused = {"buffer.batch_size": 100_000, "buffer.capacity": 100_000}
         one_batch = cfg.kafka.poll_max_records
-        variants = {
+        variants: dict[str, tuple[str, dict[str, Any]]] = {
             "one batch, paused": (
                 "serial",
                 {**paused, "generation.max_prompts_in_flight": one_batch},
@@ -249,10 +319,15 @@ def main() -> None:
         }
         runs = {}
         for label, (name, settings) in variants.items():
+            if args.only and name not in args.only:
+                continue
             console.print(f"all-in-one daemon: {label} ...")
             variant = daemon_variant(cfg, name, workdir, **settings)
-            runs[label] = run_daemon(variant, prompts_file, args.prompts, workdir / name)
+            profile = workdir / f"{name}.profile.txt" if args.profile else None
+            runs[label] = run_daemon(variant, prompts_file, args.prompts, workdir / name, profile)
     raw_tps = plain["raw_tokens"] / plain["raw_s"]
+    split_s = plain["raw_on_generation_cores_s"]
+    split_tps = plain["raw_on_generation_cores_tokens"] / split_s if split_s else None
     result = {
         "model": args.model,
         "prompts": args.prompts,
@@ -260,10 +335,13 @@ def main() -> None:
         "cpu": cpu_identity(),
         **plain,
         "raw_tokens_per_s": raw_tps,
+        "raw_on_generation_cores_tokens_per_s": split_tps,
         "daemon": runs,
     }
-    table = Table(title=f"daemon vs plain alternatives ({args.model}, {args.prompts} prompts, K=4)")
-    for column in ("run", "wall s", "samples/s", "tokens/s", "x raw", "versions", "swap p50 s"):
+    title = f"daemon vs plain alternatives ({args.model}, {args.prompts} prompts, K=4)"
+    table = Table(title=title, caption=CAPTION)
+    columns = ("run", "wall s", "samples/s", "tokens/s", "x raw", "x raw (its cores)")
+    for column in (*columns, "versions", "swap p50 s"):
         table.add_column(column, justify="right")
     table.add_row(
         "raw vLLM",
@@ -271,16 +349,30 @@ def main() -> None:
         f"{plain['raw_samples'] / plain['raw_s']:.1f}",
         f"{raw_tps:.0f}",
         "1.00",
+        "",
         "-",
         "-",
     )
+    if split_tps is not None:
+        cores = ",".join(map(str, plain["raw_generation_cores"]))
+        table.add_row(
+            f"raw vLLM, cores {cores}",
+            f"{split_s:.1f}",
+            f"{plain['raw_samples'] / split_s:.1f}",
+            f"{split_tps:.0f}",
+            f"{split_tps / raw_tps:.2f}",
+            "1.00",
+            "-",
+            "-",
+        )
     table.add_row(
-        "serial RAFT", f"{plain['serial_s']:.1f}", "", "", "", str(plain["serial_versions"]), ""
+        "serial RAFT", f"{plain['serial_s']:.1f}", "", "", "", "", str(plain["serial_versions"]), ""
     )
     for label, run in runs.items():
         tps = run["daemon_tokens"] / run["daemon_s"]
         run["daemon_tokens_per_s"] = tps
         run["daemon_over_raw"] = tps / raw_tps
+        run["daemon_over_raw_on_its_cores"] = tps / split_tps if split_tps else None
         swaps = run["swap_latency_s"]
         run["swap_latency_median_s"] = statistics.median(swaps) if swaps else None
         table.add_row(
@@ -289,21 +381,22 @@ def main() -> None:
             f"{run['daemon_samples'] / run['daemon_s']:.1f}",
             f"{tps:.0f}",
             f"{tps / raw_tps:.2f}",
+            f"{tps / split_tps:.2f}" if split_tps else "",
             f"{run['daemon_versions']} ({run['rollbacks']} rollbacks)",
             f"{run['swap_latency_median_s']:.2f}" if swaps else "-",
         )
     console.print(table)
-    training = runs["pipelined, training"]
-    result["streaming_over_serial_wall"] = training["daemon_s"] / plain["serial_s"]
-    speedup = (
-        runs["pipelined, paused"]["daemon_tokens_per_s"]
-        / runs["one batch, paused"]["daemon_tokens_per_s"]
-    )
-    result["pipelined_over_one_batch"] = speedup
-    console.print(
-        f"pipelined/one batch (paused): {speedup:.2f}   "
-        f"streaming/serial wall: {result['streaming_over_serial_wall']:.2f}"
-    )
+    if "pipelined, training" in runs:
+        training = runs["pipelined, training"]
+        result["streaming_over_serial_wall"] = training["daemon_s"] / plain["serial_s"]
+        console.print(f"streaming/serial wall: {result['streaming_over_serial_wall']:.2f}")
+    if {"pipelined, paused", "one batch, paused"} <= runs.keys():
+        speedup = (
+            runs["pipelined, paused"]["daemon_tokens_per_s"]
+            / runs["one batch, paused"]["daemon_tokens_per_s"]
+        )
+        result["pipelined_over_one_batch"] = speedup
+        console.print(f"pipelined/one batch (paused): {speedup:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {args.out}")

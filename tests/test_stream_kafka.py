@@ -5,8 +5,10 @@ Group joins take 3-5 s each, so each test joins as few groups as its property ne
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -106,6 +108,43 @@ def test_uncommitted_prompts_are_redelivered_to_the_next_member_of_the_group(
         assert {r.value.id for r in redone.records} == set(ids) - committed
         second.commit(redone.last_offsets())
         assert len(second.poll(timeout_s=1)) == 0
+
+
+def test_join_waits_until_the_member_is_in_its_group_and_takes_no_record(
+    kafka_config: MakeConfig,
+) -> None:
+    # A role is ready only once joined (roles.delivery.open_clients): before, a "ready"
+    # daemon spent its first poll joining, ~5 s, while the prompts waited.
+    cfg = kafka_config(partitions=1)
+    ids = [f"p{i}" for i in range(6)]
+    _prompts(cfg, ids)
+    with PromptConsumer(cfg) as member:
+        assert not member.joined
+        assert member.join(timeout_s=30)
+        assert member.joined and not member.paused
+        polled = _poll_until(member, len(ids))  # from the first record: none taken by join
+        assert [r.value.id for r in polled.records] == ids
+
+
+def test_a_member_left_without_partitions_joins_too(kafka_config: MakeConfig) -> None:
+    # More generators than partitions: the one with nothing to consume must get ready.
+    cfg = kafka_config(partitions=1)
+    ensure_topics(cfg, [cfg.topics.prompts])
+    with PromptConsumer(cfg) as first, PromptConsumer(cfg) as second:
+        both = threading.Barrier(2, timeout=60)
+
+        def join(member: PromptConsumer) -> bool:
+            joined = member.join(timeout_s=60)
+            both.wait()  # the first to join keeps polling while the other one joins
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:  # a rebalance the second join started
+                member.keep_alive(0.1)
+            return joined
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(join, [first, second])) == [True, True]
+        owned = [member._consumer.assignment() for member in (first, second)]
+    assert sorted(len(partitions) for partitions in owned) == [0, 1]
 
 
 def test_lag_counts_the_records_not_yet_polled(kafka_config: MakeConfig) -> None:

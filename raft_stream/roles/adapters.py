@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -67,6 +68,7 @@ from raft_stream.types import AdapterVersion
 __all__ = [
     "FETCHERS",
     "REFUSAL_REASONS",
+    "AdapterFeed",
     "AdapterFetchError",
     "AdapterTrust",
     "AdapterWatcher",
@@ -458,6 +460,57 @@ class AdapterWatcher:
 
     def close(self) -> None:
         self._reader.close()
+
+
+class AdapterFeed:
+    """The adapters topic pushed: a thread long-polls ``watcher`` (returning as soon as a
+    message arrives) and keeps what came for the engine stage to ``take``; ``pending`` is
+    set meanwhile. The generator looks at it before every batch, so a version stored
+    while a batch samples serves the very next one, with no poll interval to wait out.
+
+    ``error``: what the thread died of (the caller raises it). ``close`` stops the thread
+    and closes the watcher.
+    """
+
+    def __init__(self, watcher: AdapterWatcher) -> None:
+        self._watcher = watcher
+        self._lock = threading.Lock()
+        self._inbox: list[Received[Message]] = []
+        self.pending = threading.Event()
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="raft-stream-adapter-feed", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                received = self._watcher.poll()  # blocks up to its poll timeout
+                if received:
+                    with self._lock:
+                        self._inbox += received
+                    self.pending.set()
+        except BaseException as err:  # raised to the role by whoever takes next
+            log.exception("the adapters topic feed failed")
+            self.error = err
+            self.pending.set()
+
+    def take(self) -> list[Received[Message]]:
+        """What arrived since the last take, in the topic's order. Raises what the
+        thread died of."""
+        with self._lock:
+            taken, self._inbox = self._inbox, []
+            self.pending.clear()
+        if self.error is not None:
+            raise self.error
+        return taken
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._watcher.close()
 
 
 def fold_checked(

@@ -32,6 +32,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -164,7 +165,11 @@ class BatchPipeline(Generic[T, R]):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
-                self._consumer.keep_alive(min(self._poll_s, left))
+                # Blocked on the batch, not spinning on the consumer (its polls wake
+                # kafka-python's IO thread and take the CPU the engine needs); a poll at
+                # least every ``poll_s`` keeps the member in its group.
+                futures.wait([self._queue[0].result], timeout=min(self._poll_s, left))
+                self._consumer.keep_alive(0)
         finally:
             self._consumer.resume()
 

@@ -11,6 +11,7 @@ fails, so it is committed and not redone in a crash loop.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,5 +211,32 @@ def open_clients(
     if consumer is None:
         producer.close(timeout_s=1.0)
         return None
-    writer = DeadLetterWriter(producer, cfg.topics.dead_letter, on_dead_letter)
-    return StreamClients(consumer, producer, writer)
+    clients = StreamClients(
+        consumer, producer, DeadLetterWriter(producer, cfg.topics.dead_letter, on_dead_letter)
+    )
+    if not join_group(consumer, shutdown, beat):
+        clients.close()
+        return None
+    return clients
+
+
+JOIN_REPORT_S = 30.0
+"""How often a member still waiting to join its group says so."""
+
+
+def join_group(consumer: JsonConsumer[T], shutdown: Shutdown, beat: Callable[[], None]) -> bool:
+    """Wait until ``consumer`` is in its group (a role is ready only then: its first poll
+    fetches at once); False if shutdown came first."""
+    started = report = time.monotonic()
+    while not consumer.join(timeout_s=1.0):
+        beat()
+        if shutdown.requested:
+            return False
+        if time.monotonic() - report >= JOIN_REPORT_S:
+            report = time.monotonic()
+            log.warning(
+                "not in the consumer group yet; still joining",
+                extra={"waited_s": round(report - started, 1)},
+            )
+    log.info("joined the consumer group", extra={"join_s": round(time.monotonic() - started, 2)})
+    return True

@@ -19,8 +19,9 @@ A step that fails for one prompt (formatting, encoding: a bug that prompt trigge
 dead-letters that prompt (``internal_error``) and the batch goes on; a failure of the
 engine itself ends the role (EngineFailure), for its supervisor to restart.
 
-Every ``daemon.adapter_poll_interval_s`` the engine stage, between two batches, follows the
-adapters topic (``raft_stream.serving.ServingLedger``: the trainer's announcements with
+The adapters topic is pushed (``roles.adapters.AdapterFeed``: a thread long-polls it), and
+before each batch, or between two when messages came, the engine stage follows it
+(``raft_stream.serving.ServingLedger``: the trainer's announcements with
 their gate verdicts, operators' promote, rollback, pin and unpin): the version the ledger
 targets that passes the trust checks (``roles.adapters``: signature, base model, lineage,
 place in the store, manifest, bounded checksum) and loads into the engine serves the
@@ -66,6 +67,7 @@ from raft_stream.roles.adapters import (
     ENGINE_ERROR,
     FETCH_FAILED,
     GATE_REJECTED,
+    AdapterFeed,
     AdapterFetchError,
     AdapterTrust,
     AdapterWatcher,
@@ -174,6 +176,8 @@ class GeneratorRole:
         """The engine stage folds the adapters topic into ``ledger``; the loop reads it."""
         self._rolled_back: int | None = None
         """The version this replica last sent a rollback for (sent once)."""
+        self._feed: AdapterFeed | None = None
+        """The adapters topic pushed (``run`` starts it once caught up)."""
 
     @classmethod
     def from_config(
@@ -214,12 +218,12 @@ class GeneratorRole:
         )
         if clients is None:
             return
-        # Non-blocking looks: they run on the engine stage, between batches.
         watcher = AdapterWatcher(
-            self.cfg.kafka, self.metrics.count_adapter_load_failure, poll_timeout_s=0.0
+            self.cfg.kafka, self.metrics.count_adapter_load_failure, poll_timeout_s=POLL_TIMEOUT_S
         )
         consumer = clients.consumer
         pipeline: BatchPipeline[PromptRecord, ScoredBatch] | None = None
+        feed: AdapterFeed | None = None
         try:
             self.metrics.set_served_version(self.served_version)
             pinned = self.cfg.store.pinned_version
@@ -228,7 +232,9 @@ class GeneratorRole:
             self._receive(watcher.catch_up(timeout_s=2.0))
             if pinned is None:
                 self._follow()
-            # From here on the watcher and the engine are used on the engine stage only.
+            # From here on the feed's thread polls the watcher, and the engine is used on
+            # the engine stage only.
+            feed = self._feed = AdapterFeed(watcher)
             pipeline = BatchPipeline(
                 consumer,
                 lambda offsets: commit_quietly(consumer, offsets, "prompts", self.metrics),
@@ -239,8 +245,11 @@ class GeneratorRole:
             log.info("generator serving", extra={"adapter_version": self.served_version})
             while not self.shutdown.requested:
                 self.beat()
-                self._schedule_adapter_check(pipeline, watcher)
-                batch = pipeline.poll(BUSY_POLL_S if len(pipeline) else POLL_TIMEOUT_S)
+                self._schedule_adapter_check(pipeline, feed)
+                # Full: block until the oldest batch is done. Room with batches in flight:
+                # a short wait for prompts, so a done batch is committed soon.
+                busy = len(pipeline) and pipeline.room
+                batch = pipeline.poll(BUSY_POLL_S if busy else POLL_TIMEOUT_S)
                 if batch is not None:
                     self.metrics.prompts_consumed_total.inc(len(batch))
                     pipeline.submit(
@@ -264,7 +273,11 @@ class GeneratorRole:
             self.ready = False
             if pipeline is not None:
                 pipeline.close()
-            watcher.close()
+            if feed is not None:
+                feed.close()  # and the watcher
+            else:
+                watcher.close()
+            self._feed = None
             clients.close()
             log.info("generator stopped", extra={"batches": self.batches})
 
@@ -275,7 +288,10 @@ class GeneratorRole:
 
     def _sample_batch(self, batch: PollBatch[PromptRecord]) -> _Sampled:
         """The engine stage: format the batch's prompts and sample them with the version
-        served now (dead letters for the prompts that cannot be formatted or sampled)."""
+        served now, after following what the adapters topic brought meanwhile (dead
+        letters for the prompts that cannot be formatted or sampled)."""
+        if self._feed is not None and self._feed.pending.is_set():
+            self._check_adapters(self._feed)
         formatted, unformatted = each_record(
             batch.records, lambda r: self.formatter.format(r.value), "formatting the prompt"
         )
@@ -447,27 +463,27 @@ class GeneratorRole:
     # -- adapters --------------------------------------------------------------------------
 
     def _schedule_adapter_check(
-        self, pipeline: BatchPipeline[PromptRecord, ScoredBatch], watcher: AdapterWatcher
+        self, pipeline: BatchPipeline[PromptRecord, ScoredBatch], feed: AdapterFeed
     ) -> None:
-        """Every ``daemon.adapter_poll_interval_s``, queue a look at the adapters topic on
-        the engine stage (between batches: a new version serves the batches sampled after
-        it is loaded). Raises what the last look raised."""
+        """When the adapters topic brought something (and every
+        ``daemon.adapter_poll_interval_s``, for refused versions to be tried again), queue
+        a look on the engine stage: between batches, so a new version serves the batches
+        sampled after it is loaded (each batch also looks first). Raises what the last
+        look raised."""
         check = self._adapter_check
         if check is not None:
             if not check.done():
                 return
             check.result()
         now = time.monotonic()
-        if now < self._next_adapter_check:
+        if now < self._next_adapter_check and not feed.pending.is_set():
             return
         self._next_adapter_check = now + self.cfg.daemon.adapter_poll_interval_s
-        self._adapter_check = pipeline.run_on_engine(
-            functools.partial(self._check_adapters, watcher)
-        )
+        self._adapter_check = pipeline.run_on_engine(functools.partial(self._check_adapters, feed))
 
-    def _check_adapters(self, watcher: AdapterWatcher) -> None:
+    def _check_adapters(self, feed: AdapterFeed) -> None:
         """On the engine stage: fold what the adapters topic brought, and follow it."""
-        self._receive(watcher.poll())
+        self._receive(feed.take())
         if self.cfg.store.pinned_version is None:  # pinned by config: the topic waits
             self._follow()
 
@@ -583,8 +599,9 @@ class GeneratorRole:
             extra={
                 "adapter_version": adapter.version,
                 "previous_version": self._previous_version,
-                "load_s": round(time.perf_counter() - started, 3),
+                "switch_s": round(time.perf_counter() - started, 3),
                 "since_stored_s": round(time.time() - adapter.created_at, 3),
+                **{f"{phase}_s": round(seconds, 3) for phase, seconds in phases.items()},
             },
         )
         return None

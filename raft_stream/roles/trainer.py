@@ -287,7 +287,7 @@ class TrainerRole:
                 batch = clients.consumer.poll(POLL_TIMEOUT_S)
                 if len(batch):
                     self._take(batch, clients)
-                self._maybe_start_round()
+                self._maybe_start_round(clients)
                 self.metrics.consumer_lag_messages.labels(topic=topics.samples).set(
                     clients.consumer.lag()
                 )
@@ -383,7 +383,7 @@ class TrainerRole:
             scored.append(record)
         return scored
 
-    def _maybe_start_round(self) -> None:
+    def _maybe_start_round(self, clients: StreamClients[Sample]) -> None:
         if (
             self._round is None
             and not self.shutdown.requested
@@ -394,7 +394,9 @@ class TrainerRole:
             served = self._versions_served()
             batch = self.buffer.peek_batch()
             self.metrics.observe_staleness(self.buffer.staleness(s) for s in batch)
-            self._round = _Round(batch, lambda samples: self._train_and_store(samples, served))
+            self._round = _Round(
+                batch, lambda samples: self._train_and_store(samples, served, clients)
+            )
 
     def _versions_served(self) -> frozenset[int]:
         """Versions of the samples consumed within ``store.served_window_s``: generators
@@ -459,7 +461,6 @@ class TrainerRole:
         )
         self._observe_buffer()
         self._persist_and_commit(clients)
-        self._announce(clients, adapter)
 
     def _drain(self, clients: StreamClients[Sample]) -> None:
         if self._round is not None:
@@ -513,8 +514,10 @@ class TrainerRole:
     # -- training (background thread) -----------------------------------------------------
 
     def _train_and_store(
-        self, samples: list[Sample], served: frozenset[int]
+        self, samples: list[Sample], served: frozenset[int], clients: StreamClients[Sample]
     ) -> tuple[AdapterVersion | None, TrainResult]:
+        """Train, judge, store and announce a version (announced here, as soon as it is
+        stored, not when the loop next looks: generators serve it that much sooner)."""
         if self.training_cores is not None:
             pin_this_thread(self.training_cores)
         trainer = self._trainer or self._load_trainer()
@@ -545,6 +548,7 @@ class TrainerRole:
             raise AdapterStoreFailure(f"storing the adapter failed: {err}") from err
         if verdict is not None:
             self._observe_verdict(adapter, verdict)
+        self._announce(clients, adapter)
         return adapter, result
 
     def _observe_verdict(self, adapter: AdapterVersion, verdict: Verdict) -> None:

@@ -261,6 +261,7 @@ class _KeepPausedOnAssign(AsyncConsumerRebalanceListener):
         handover.committed()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._owner.joined = True  # called after every join, with or without partitions
         if self._owner.paused:
             self._owner.pause()
 
@@ -318,6 +319,10 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         away, before they go; a Handover makes the rebalance wait for a batch in hand
         and commit it. It must not block."""
         self.max_poll_records = max_poll_records
+        self.joined = group_id is None
+        """True once the member got its first assignment from the group (possibly no
+        partitions: more members than partitions); a consumer outside any group reads
+        its partitions at once."""
         self._consumer = KafkaConsumer(
             **kafka_client_kwargs(cfg),
             group_id=group_id,
@@ -401,6 +406,22 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         for tp, batch in polled.items():
             if batch:
                 self._consumer.seek(tp, batch[0].offset)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` to be in the group (``joined``), fetching nothing, so
+        the first ``poll`` after it fetches at once instead of waiting out the join (a
+        rebalance: ~5 s on the embedded broker, Kafka's ``group.initial.rebalance.delay.ms``
+        of 3 s and every member's rejoin on a real one). Returns ``joined``."""
+        deadline = time.monotonic() + timeout_s
+        was_paused = self._paused
+        self.pause()  # partitions assigned meanwhile stay paused (_KeepPausedOnAssign)
+        try:
+            while not self.joined and (left := deadline - time.monotonic()) > 0:
+                self.keep_alive(min(0.1, left))
+        finally:
+            if not was_paused:
+                self.resume()
+        return self.joined
 
     def commit(self, offsets: Mapping[TopicPartition, int], timeout_s: float = 30.0) -> None:
         """Mark every record up to ``offsets[tp]`` (inclusive) as done: commits offset + 1.

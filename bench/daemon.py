@@ -285,7 +285,7 @@ def main() -> None:
         "(pip install py-spy) into WORKDIR/NAME.profile.txt (collapsed stacks, by thread)",
     )
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=160)  # the table whole, in a log too
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(args.model)

@@ -649,10 +649,11 @@ class DaemonConfig(_Section):
     """SIGTERM: finish or hand back work and exit within this many seconds."""
 
     adapter_poll_interval_s: float = Field(0.25, gt=0)
-    """How often an idle generator follows its ledger again, for a version refused for a
-    reason that may pass (an unreadable folder, an engine error) to be tried once its
-    retry time has come. Messages on the adapters topic are not waited for: a thread
-    long-polls the topic and the next batch follows what it brought."""
+    """How often a generator follows its ledger again when the adapters topic brought
+    nothing, so a version refused for a reason that may pass (an unreadable folder, an
+    engine error) is tried once its retry time has come. New messages do not wait for it:
+    a thread long-polls the topic, and the next batch (or, idle, the next look within
+    0.5 s) follows what it brought."""
 
     liveness_timeout_s: float | None = Field(None, gt=0)
     """/healthz fails when a role loop has not made progress for this long. None derives

@@ -87,7 +87,13 @@ class VLLMGenerator:
         # The first request asking for log-probs pays a one-time setup (1.4-2.4 s on the
         # tiny model, 2-core CPU; the next one 16 ms): paid here, not by the first batch.
         warm_up = vllm.SamplingParams(max_tokens=1, temperature=0.0, seed=0, logprobs=0)
-        self.llm.generate([TokensPrompt(prompt_token_ids=[0])], warm_up, use_tqdm=False)
+        try:
+            self.llm.generate([TokensPrompt(prompt_token_ids=[0])], warm_up, use_tqdm=False)
+        except VLLMEngineDeadError as err:
+            raise self.death_error() from err
+        except BaseException:
+            self.llm.llm_engine.engine_core.shutdown()  # no engine process left behind
+            raise
         self._merger = _Merger(self.llm, model_path) if merged else None
         """Set in merged serving (``generation.adapter_serving``): no LoRA requests."""
         self.last_stats: GenerationStats | None = None

@@ -507,9 +507,13 @@ class AdapterFeed:
             raise self.error
         return taken
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread (its poll returns within the watcher's poll timeout; a thread
+        still stuck after ``timeout_s`` is left, it is a daemon) and close the watcher."""
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("the adapters topic feed did not stop; closing its consumer anyway")
         self._watcher.close()
 
 

@@ -211,13 +211,8 @@ def open_clients(
     if consumer is None:
         producer.close(timeout_s=1.0)
         return None
-    clients = StreamClients(
-        consumer, producer, DeadLetterWriter(producer, cfg.topics.dead_letter, on_dead_letter)
-    )
-    if not join_group(consumer, shutdown, beat):
-        clients.close()
-        return None
-    return clients
+    writer = DeadLetterWriter(producer, cfg.topics.dead_letter, on_dead_letter)
+    return StreamClients(consumer, producer, writer)
 
 
 JOIN_REPORT_S = 30.0
@@ -225,8 +220,10 @@ JOIN_REPORT_S = 30.0
 
 
 def join_group(consumer: JsonConsumer[T], shutdown: Shutdown, beat: Callable[[], None]) -> bool:
-    """Wait until ``consumer`` is in its group (a role is ready only then: its first poll
-    fetches at once); False if shutdown came first."""
+    """Wait until ``consumer`` is in its group; False if shutdown came first. A role calls
+    it last before it says it is ready (its startup work done, so it polls right after):
+    a join takes ~5 s on the embedded broker, and a "ready" role used to spend it in its
+    first poll while the prompts waited."""
     started = report = time.monotonic()
     while not consumer.join(timeout_s=1.0):
         beat()

@@ -83,6 +83,7 @@ from raft_stream.roles.delivery import (
     commit_quietly,
     crash_journal,
     each_record,
+    join_group,
     open_clients,
     until_delivered,
 )
@@ -218,13 +219,16 @@ class GeneratorRole:
         )
         if clients is None:
             return
-        watcher = AdapterWatcher(
-            self.cfg.kafka, self.metrics.count_adapter_load_failure, poll_timeout_s=POLL_TIMEOUT_S
-        )
         consumer = clients.consumer
+        watcher: AdapterWatcher | None = None
         pipeline: BatchPipeline[PromptRecord, ScoredBatch] | None = None
         feed: AdapterFeed | None = None
         try:
+            watcher = AdapterWatcher(
+                self.cfg.kafka,
+                self.metrics.count_adapter_load_failure,
+                poll_timeout_s=POLL_TIMEOUT_S,
+            )
             self.metrics.set_served_version(self.served_version)
             pinned = self.cfg.store.pinned_version
             if pinned is not None:
@@ -241,6 +245,8 @@ class GeneratorRole:
                 max_prompts=self.cfg.generation.max_prompts_in_flight,
                 revoke_wait_s=self.cfg.kafka.max_poll_interval_ms / 1000,
             )
+            if not join_group(consumer, self.shutdown, self.beat):
+                return
             self.ready = True
             log.info("generator serving", extra={"adapter_version": self.served_version})
             while not self.shutdown.requested:
@@ -275,7 +281,7 @@ class GeneratorRole:
                 pipeline.close()
             if feed is not None:
                 feed.close()  # and the watcher
-            else:
+            elif watcher is not None:
                 watcher.close()
             self._feed = None
             clients.close()
@@ -599,9 +605,9 @@ class GeneratorRole:
             extra={
                 "adapter_version": adapter.version,
                 "previous_version": self._previous_version,
-                "switch_s": round(time.perf_counter() - started, 3),
+                "load_s": round(time.perf_counter() - started, 3),
                 "since_stored_s": round(time.time() - adapter.created_at, 3),
-                **{f"{phase}_s": round(seconds, 3) for phase, seconds in phases.items()},
+                "phases_s": {phase: round(seconds, 3) for phase, seconds in phases.items()},
             },
         )
         return None

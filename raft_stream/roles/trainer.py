@@ -10,7 +10,8 @@ the loop (the only user of the Kafka consumer):
    saved buffer, so a crash loses nothing);
 3. announces the version on the adapters topic, stamped with the store's lineage and
    signed with ``adapters.signing_key_file`` when set (a crash before this is healed at the
-   next start, which announces the latest version again).
+   next start, which announces the latest version again), unless the round's thread
+   already did, in one try as soon as it stored the version.
 
 The trainer holds the adapter store's writer lock from construction until ``run`` returns:
 a second trainer on the same store refuses to start (StoreLockedError names the holder),
@@ -66,6 +67,7 @@ from raft_stream.roles.delivery import (
     crash_journal,
     each_record,
     error_summary,
+    join_group,
     open_clients,
     until_delivered,
 )
@@ -222,6 +224,8 @@ class TrainerRole:
         self.rounds = 0
         self.failures = 0
         self.last_announced: AdapterVersion | None = None
+        self._announced_early: int | None = None
+        """The version the round thread announced itself (read once the round ended)."""
         self._trainer: LoRATrainer | None = None
         self._round: _Round | None = None
         self._consumed: dict[TopicPartition, int] = {}
@@ -271,6 +275,8 @@ class TrainerRole:
             if latest is not None:  # generators that missed it catch up
                 self.metrics.set_stored_version(latest.version, latest.created_at)
                 self._announce(clients, latest)
+            if not join_group(clients.consumer, self.shutdown, self.beat):
+                return
             self.ready = True
             self._observe_buffer()
             log.info(
@@ -461,6 +467,10 @@ class TrainerRole:
         )
         self._observe_buffer()
         self._persist_and_commit(clients)
+        if self._announced_early == adapter.version:
+            self._announced(adapter)
+        else:
+            self._announce(clients, adapter)
 
     def _drain(self, clients: StreamClients[Sample]) -> None:
         if self._round is not None:
@@ -501,8 +511,11 @@ class TrainerRole:
             "adapter_announcement",
             self.metrics,
         ):
-            self.last_announced = adapter
-            log.info("announced adapter version", extra={"adapter_version": adapter.version})
+            self._announced(adapter)
+
+    def _announced(self, adapter: AdapterVersion) -> None:
+        self.last_announced = adapter
+        log.info("announced adapter version", extra={"adapter_version": adapter.version})
 
     def _observe_buffer(self) -> None:
         held = self.buffer.snapshot()
@@ -516,8 +529,10 @@ class TrainerRole:
     def _train_and_store(
         self, samples: list[Sample], served: frozenset[int], clients: StreamClients[Sample]
     ) -> tuple[AdapterVersion | None, TrainResult]:
-        """Train, judge, store and announce a version (announced here, as soon as it is
-        stored, not when the loop next looks: generators serve it that much sooner)."""
+        """Train, judge and store a version, and try once to announce it right away: the
+        loop notices a finished round only at its next turn (up to POLL_TIMEOUT_S later),
+        and generators would wait for it. A failed try is left to the loop, which
+        announces what was not (``_finish_round``), with its retries and errors."""
         if self.training_cores is not None:
             pin_this_thread(self.training_cores)
         trainer = self._trainer or self._load_trainer()
@@ -548,7 +563,18 @@ class TrainerRole:
             raise AdapterStoreFailure(f"storing the adapter failed: {err}") from err
         if verdict is not None:
             self._observe_verdict(adapter, verdict)
-        self._announce(clients, adapter)
+        if not self.shutdown.requested:  # the drain must not wait on the broker for it
+            try:
+                announce(
+                    clients.producer,
+                    self.cfg.kafka.topics.adapters,
+                    adapter,
+                    self.cfg.kafka.delivery_timeout_s,
+                    self.signing_key,
+                )
+                self._announced_early = adapter.version
+            except Exception as err:  # the loop announces it, with its retries and errors
+                log.info("announcing from the round failed", extra={"error": repr(err)})
         return adapter, result
 
     def _observe_verdict(self, adapter: AdapterVersion, verdict: Verdict) -> None:

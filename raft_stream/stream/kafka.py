@@ -261,7 +261,9 @@ class _KeepPausedOnAssign(AsyncConsumerRebalanceListener):
         handover.committed()
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._owner.joined = True  # called after every join, with or without partitions
+        # kafka-python calls this after every join under the eager assignors it defaults
+        # to (range, round robin), with or without partitions.
+        self._owner.joined = True
         if self._owner.paused:
             self._owner.pause()
 
@@ -320,9 +322,9 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         and commit it. It must not block."""
         self.max_poll_records = max_poll_records
         self.joined = group_id is None
-        """True once the member got its first assignment from the group (possibly no
-        partitions: more members than partitions); a consumer outside any group reads
-        its partitions at once."""
+        """True once the member joined its group the first time (its assignment possibly
+        empty: more members than partitions); a consumer outside any group reads its
+        partitions at once. Not reset by a later rebalance: it tells a start is over."""
         self._consumer = KafkaConsumer(
             **kafka_client_kwargs(cfg),
             group_id=group_id,

@@ -10,8 +10,9 @@
    the loop before the pipeline) and pipelined (the default); then pipelined with training,
    serving adapters through vLLM's LoRA path and merged into the weights.
 
-Reports samples/s and tokens/s of each, the daemon/raw ratios, streaming/serial wall time,
-and adapter swap latency (stored → first sample generated on it).
+Reports samples/s and tokens/s of each (the median of ``--repeats`` rounds: raw vLLM moves
+by ±20% from run to run on a shared 2-core machine), the daemon/raw ratios,
+streaming/serial wall time, and adapter swap latency (stored → first sample on it).
 
     python bench/daemon.py                 # tiny model, 512 prompts, K=4
     python bench/daemon.py --model demo --prompts 64
@@ -92,21 +93,30 @@ CAPTION = (
 
 
 def sample_raw(
-    generator: VLLMGenerator, prompts: list[PromptRecord], size: int, params: SamplingParams
+    generator: VLLMGenerator,
+    prompts: list[PromptRecord],
+    size: int,
+    params: SamplingParams,
+    repeats: int,
 ) -> dict[str, float]:
-    """Raw vLLM: the prompts in batches of ``size``, after one batch to warm the engine."""
+    """Raw vLLM: the prompts in batches of ``size``, after one batch to warm the engine;
+    the median of ``repeats`` rounds."""
     generator.generate([p.text for p in prompts[:size]], params)
-    started = time.perf_counter()
-    tokens = samples = 0
-    for batch in batches(prompts, size):
-        outputs = generator.generate([p.text for p in batch], params)
-        tokens += sum(c.num_tokens for row in outputs for c in row)
-        samples += sum(len(row) for row in outputs)
-    return {"s": time.perf_counter() - started, "tokens": tokens, "samples": samples}
+    rounds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        tokens = samples = 0
+        for batch in batches(prompts, size):
+            outputs = generator.generate([p.text for p in batch], params)
+            tokens += sum(c.num_tokens for row in outputs for c in row)
+            samples += sum(len(row) for row in outputs)
+        rounds.append((time.perf_counter() - started, tokens, samples))
+    seconds, tokens, samples = sorted(rounds)[len(rounds) // 2]
+    return {"s": seconds, "tokens": tokens, "samples": samples}
 
 
 def run_raw_and_serial(
-    cfg: RaftConfig, model_path: str, prompts: list[PromptRecord], workdir: Path
+    cfg: RaftConfig, model_path: str, prompts: list[PromptRecord], workdir: Path, repeats: int
 ) -> dict[str, Any]:
     """Raw vLLM on every core and on the cores the all-in-one daemon gives generation
     (``roles.cpu_split``), and the serial generate-then-train loop."""
@@ -118,13 +128,13 @@ def run_raw_and_serial(
         bind_generation(split)  # read by the engine's worker when it starts
         generator = VLLMGenerator(model_path, cfg.model, cfg.generation)
         try:
-            raw_split = sample_raw(generator, prompts, size, params)
+            raw_split = sample_raw(generator, prompts, size, params, repeats)
         finally:
             generator.close()
             del os.environ[BIND_ENV]
     generator = VLLMGenerator(model_path, cfg.model, cfg.generation)
     try:
-        raw = sample_raw(generator, prompts, size, params)
+        raw = sample_raw(generator, prompts, size, params, repeats)
         sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, params)
         trainer = LoRATrainer(model_path, cfg.training)
         store = AdapterStore(workdir / "serial-adapters", base_model=model_path)
@@ -183,11 +193,12 @@ def daemon_variant(cfg: RaftConfig, name: str, workdir: Path, **settings: Any) -
 def run_daemon(
     cfg: RaftConfig,
     prompts_file: Path,
-    n_prompts: int,
     workdir: Path,
+    repeats: int,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    """``profile``: record the daemon and its engine process with py-spy into this file
+    """Start the daemon, stream the prompts through it ``repeats`` times (medians count)
+    and stop it. ``profile``: record the daemon and its engine process with py-spy into this file
     (collapsed stacks by thread: ``py-spy record --format raw``)."""
     shutil.rmtree(workdir, ignore_errors=True)  # no store or state of an earlier run
     workdir.mkdir(parents=True)
@@ -215,32 +226,20 @@ def run_daemon(
                 stdout=subprocess.DEVNULL,
             )
             time.sleep(1.0)  # attached
-        seen: set[str] = set()
         first_on: dict[int, float] = {}
-        tokens = samples = 0
-        first_sample: float | None = None
-        lines = prompts_file.read_bytes().splitlines()
+        prompts = [json.loads(line) for line in prompts_file.read_bytes().splitlines()]
+        rounds: list[dict[str, float]] = []
         with (  # both connected before the clock starts: the bench's costs, not the daemon's
             StreamProducer(kafka) as producer,
             JsonConsumer(
                 kafka, kafka.topics.samples, lambda v, _w: json.loads(v), group_id=None
             ) as consumer,
         ):
-            started = time.time()
-            producer.wait_all((producer.send_bytes(kafka.topics.prompts, v) for v in lines), 60)
-            while len(seen) < n_prompts:
-                if time.time() - started > 1800:
-                    raise RuntimeError("the daemon did not finish the prompts in 30 minutes")
-                for record in consumer.poll(1.0).records:
-                    sample = record.value
-                    if first_sample is None:
-                        first_sample = sample["created_at"]
-                    seen.add(sample["prompt_id"])
-                    tokens += sample["response_tokens"]
-                    samples += 1
-                    version = sample["adapter_version"]
-                    first_on.setdefault(version, sample["created_at"])
-        wall = time.time() - started
+            for n in range(repeats):  # the same prompts under new ids each round
+                batch = [{**p, "id": f"{p['id']}~{n}"} for p in prompts]
+                rounds.append(
+                    stream_round(producer, consumer, kafka.topics.prompts, batch, first_on)
+                )
         with JsonConsumer(
             kafka, kafka.topics.adapters, lambda v, _w: json.loads(v), group_id=None
         ) as consumer:
@@ -256,13 +255,50 @@ def run_daemon(
         log.close()
     swaps = [first_on[v] - created for v, created in announced.items() if v in first_on]
     return {
-        "daemon_s": wall,
-        "first_sample_s": (first_sample or started) - started,
-        "daemon_tokens": tokens,
-        "daemon_samples": samples,
+        "rounds": rounds,
+        "daemon_s": statistics.median(r["s"] for r in rounds),
+        "daemon_tokens_per_s": statistics.median(r["tokens"] / r["s"] for r in rounds),
+        "first_sample_s": statistics.median(r["first_sample_s"] for r in rounds),
+        "daemon_samples_per_s": statistics.median(r["samples"] / r["s"] for r in rounds),
         "daemon_versions": max(first_on, default=0),
         "rollbacks": rollbacks,
         "swap_latency_s": swaps,
+    }
+
+
+def stream_round(
+    producer: StreamProducer,
+    consumer: JsonConsumer[Any],
+    topic: str,
+    prompts: list[dict[str, Any]],
+    first_on: dict[int, float],
+) -> dict[str, float]:
+    """Send ``prompts`` and wait for every one's samples: seconds from the first sent to
+    the last received, tokens, samples, and seconds to the first sample; ``first_on``
+    gets when each adapter version first made a sample."""
+    wanted = {p["id"] for p in prompts}
+    seen: set[str] = set()
+    tokens = samples = 0
+    first_sample: float | None = None
+    started = time.time()
+    producer.wait_all((producer.send_json(topic, p) for p in prompts), 60)
+    while seen != wanted:
+        if time.time() - started > 1800:
+            raise RuntimeError("the daemon did not finish the prompts in 30 minutes")
+        for record in consumer.poll(1.0).records:
+            sample = record.value
+            if sample["prompt_id"] not in wanted:
+                continue  # a late duplicate of an earlier round (at least once)
+            first_sample = first_sample or sample["created_at"]
+            seen.add(sample["prompt_id"])
+            tokens += sample["response_tokens"]
+            samples += 1
+            first_on.setdefault(sample["adapter_version"], sample["created_at"])
+    return {
+        "s": time.time() - started,
+        "tokens": tokens,
+        "samples": samples,
+        "first_sample_s": (first_sample or started) - started,
     }
 
 
@@ -270,6 +306,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--prompts", type=int, default=512)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of the prompts; medians count"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/daemon.json"))
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench-daemon"))
     parser.add_argument(
@@ -302,7 +341,7 @@ def main() -> None:
             "".join(json.dumps({"id": r.id, "prompt": r.prompt}) + "\n" for r in records)
         )
         console.print("raw vLLM and serial RAFT ...")
-        plain = run_raw_and_serial(cfg, model_path, records, workdir)
+        plain = run_raw_and_serial(cfg, model_path, records, workdir, args.repeats)
         paused = {"buffer.batch_size": 100_000, "buffer.capacity": 100_000}
         one_batch = cfg.kafka.poll_max_records
         variants: dict[str, tuple[str, dict[str, Any]]] = {
@@ -324,7 +363,7 @@ def main() -> None:
             console.print(f"all-in-one daemon: {label} ...")
             variant = daemon_variant(cfg, name, workdir, **settings)
             profile = workdir / f"{name}.profile.txt" if args.profile else None
-            runs[label] = run_daemon(variant, prompts_file, args.prompts, workdir / name, profile)
+            runs[label] = run_daemon(variant, prompts_file, workdir / name, args.repeats, profile)
     raw_tps = plain["raw_tokens"] / plain["raw_s"]
     split_s = plain["raw_on_generation_cores_s"]
     split_tps = plain["raw_on_generation_cores_tokens"] / split_s if split_s else None
@@ -369,8 +408,7 @@ def main() -> None:
         "serial RAFT", f"{plain['serial_s']:.1f}", "", "", "", "", str(plain["serial_versions"]), ""
     )
     for label, run in runs.items():
-        tps = run["daemon_tokens"] / run["daemon_s"]
-        run["daemon_tokens_per_s"] = tps
+        tps = run["daemon_tokens_per_s"]
         run["daemon_over_raw"] = tps / raw_tps
         run["daemon_over_raw_on_its_cores"] = tps / split_tps if split_tps else None
         swaps = run["swap_latency_s"]
@@ -378,7 +416,7 @@ def main() -> None:
         table.add_row(
             f"daemon: {label}",
             f"{run['daemon_s']:.1f}",
-            f"{run['daemon_samples'] / run['daemon_s']:.1f}",
+            f"{run['daemon_samples_per_s']:.1f}",
             f"{tps:.0f}",
             f"{tps / raw_tps:.2f}",
             f"{tps / split_tps:.2f}" if split_tps else "",

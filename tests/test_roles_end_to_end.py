@@ -15,6 +15,7 @@ import math
 import shutil
 import statistics
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,13 +30,19 @@ from safetensors.torch import load_file, save_file
 from raft_stream.config import KafkaConfig, RaftConfig, TopicsConfig
 from raft_stream.data.tiny_model import tiny_prompts
 from raft_stream.metrics import DELIVERIES, RaftMetrics
-from raft_stream.roles.adapters import announcement_of
+from raft_stream.roles.adapters import announce, announcement_of
 from raft_stream.roles.health import BrokerProbe
 from raft_stream.roles.lifecycle import Shutdown
 from raft_stream.roles.trainer import TrainerRole
 from raft_stream.stream.broker import EmbeddedBroker
-from raft_stream.stream.kafka import StreamProducer, ensure_topics
-from raft_stream.stream.schema import DeadLetter, decode_sample, dumps, encode_sample
+from raft_stream.stream.kafka import DeliveryError, StreamProducer, ensure_topics
+from raft_stream.stream.schema import (
+    DeadLetter,
+    decode_adapter,
+    decode_sample,
+    dumps,
+    encode_sample,
+)
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 from tests import role_rewards
@@ -446,6 +453,50 @@ def test_a_batch_that_fails_every_training_round_is_dead_lettered_and_training_m
     finally:
         thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
         letters.close()
+
+
+def test_a_version_the_round_could_not_announce_is_announced_once_by_the_loop(
+    kafka_config: MakeConfig,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The round thread announces a version as soon as it is stored, in one try; a failed
+    # try must neither fail the round (its samples trained again, a training failure
+    # counted) nor go unannounced: the loop announces it, once.
+    cfg = role_config(kafka_config(partitions=1), tmp_path / "state", tiny_model_dir)
+    topics = cfg.kafka.topics
+    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
+    tries: list[str] = []
+
+    def refused_from_the_round(*args: object, **kwargs: object) -> None:
+        tries.append(threading.current_thread().name)
+        if threading.current_thread().name == "raft-stream-training":
+            raise DeliveryError("the broker refused the announcement (injected)")
+        announce(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("raft_stream.roles.trainer.announce", refused_from_the_round)
+    samples = [
+        Sample(f"p{i}", "the movie was", "the movie was", " great fun.", 3, 0, reward=0.5)
+        for i in range(cfg.buffer.batch_size)
+    ]
+    metrics = RaftMetrics(CollectorRegistry())
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    trainer = TrainerRole(cfg, str(tiny_model_dir), metrics, shutdown)
+    announcements = TopicReader(cfg.kafka, topics.adapters, decode_adapter)
+    thread = RoleThread(trainer.run, shutdown, "test-trainer")
+    try:
+        produce_raw(cfg.kafka, [dumps(encode_sample(s)) for s in samples], topic=topics.samples)
+        heard = announcements.read_until(lambda found: len(found) >= 1, 120, "v1 announced")
+        assert [a.version for a in heard] == [1]
+        assert tries[0] == "raft-stream-training" and len(tries) == 2  # then the loop's
+        assert [a.version for a in announcements.read_all(quiet_s=3.0)] == [1]  # once
+        assert trainer.rounds == 1 and trainer.failures == 0
+        assert trainer.last_announced is not None and trainer.last_announced.version == 1
+        assert thread.alive()
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+        announcements.close()
 
 
 def test_a_sample_with_nothing_to_learn_is_dead_lettered_untrainable_and_committed(

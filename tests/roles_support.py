@@ -30,7 +30,15 @@ from raft_stream.stream.kafka import (
     ensure_topics,
     kafka_client_kwargs,
 )
-from raft_stream.stream.schema import DeadLetter, decode_dead_letter, decode_sample
+from raft_stream.stream.schema import (
+    AdapterAnnouncement,
+    DeadLetter,
+    decode_adapter,
+    decode_dead_letter,
+    decode_sample,
+    dumps,
+    encode_sample,
+)
 from raft_stream.types import Sample
 
 if TYPE_CHECKING:
@@ -252,6 +260,37 @@ def running_roles(
         shutdown.request("test over")
         for thread in threads:
             thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+
+
+@dataclass
+class FedTrainer:
+    role: TrainerRole
+    metrics: RaftMetrics
+    announcements: TopicReader[AdapterAnnouncement]
+    thread: RoleThread
+
+
+@contextmanager
+def fed_trainer(cfg: RaftConfig, model_dir: Path, count: int) -> Iterator[FedTrainer]:
+    """A trainer role on a thread, fed ``count`` samples of one prompt (reward 0.5, text
+    only), and a reader of what it announces; stopped (and the reader closed) on exit."""
+    topics = cfg.kafka.topics
+    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
+    samples = [
+        Sample(f"p{i}", "the movie was", "the movie was", " great fun.", 3, 0, reward=0.5)
+        for i in range(count)
+    ]
+    metrics = RaftMetrics(CollectorRegistry())
+    shutdown = Shutdown(cfg.daemon.grace_period_s)
+    role = TrainerRole(cfg, str(model_dir), metrics, shutdown)
+    announcements = TopicReader(cfg.kafka, topics.adapters, decode_adapter)
+    thread = RoleThread(role.run, shutdown, "test-trainer")
+    try:
+        produce_raw(cfg.kafka, [dumps(encode_sample(s)) for s in samples], topic=topics.samples)
+        yield FedTrainer(role, metrics, announcements, thread)
+    finally:
+        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
+        announcements.close()
 
 
 def reward_trend(samples: Iterable[Sample]) -> tuple[float, float]:

@@ -58,7 +58,7 @@ from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, PromptRecord, Sample
 from tests.roles_support import (
     RoleThread,
-    TopicReader,
+    fed_trainer,
     produce_raw,
     role_config,
     transformers_generator,
@@ -312,33 +312,19 @@ def test_the_trainer_judges_each_version_before_announcing_it(
             "buffer.max_staleness": 0,
         },
     )
-    topics = cfg.kafka.topics
-    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
-    samples = [
-        Sample(f"p{i}", "the movie was", "the movie was", " great fun.", 3, 0, reward=0.5)
-        for i in range(16)
-    ]
-    metrics = RaftMetrics(CollectorRegistry())
-    shutdown = Shutdown(cfg.daemon.grace_period_s)
-    trainer = TrainerRole(cfg, str(tiny_model_dir), metrics, shutdown)
-    announcements = TopicReader(cfg.kafka, topics.adapters, decode_adapter)
-    thread = RoleThread(trainer.run, shutdown, "test-trainer")
-    try:
-        produce_raw(cfg.kafka, [dumps(encode_sample(s)) for s in samples], topic=topics.samples)
+    with fed_trainer(cfg, tiny_model_dir, 16) as fed:
+        trainer = fed.role
         wait_for(lambda: trainer.store.versions() == [1, 2], 180, "v1 and v2 judged")
         assert [trainer.store.get(v).verdict for v in (1, 2)] == ["rejected", "rejected"]
         assert trainer.store.latest() is None  # nothing to serve but the base model
         assert CanaryFigures.from_metrics(trainer.store.get(1).metrics) is not None
-        heard = announcements.read_until(lambda found: len(found) >= 2, 30, "2 announcements")
+        heard = fed.announcements.read_until(lambda found: len(found) >= 2, 30, "2 announcements")
         assert [(a.version, a.verdict) for a in heard] == [(1, "rejected"), (2, "rejected")]
-        count = metrics.registry.get_sample_value(
+        count = fed.metrics.registry.get_sample_value(
             "raft_stream_gate_verdicts_total", {"verdict": "rejected", "criterion": "kl"}
         )
         assert count == 2
-        assert thread.alive()
-    finally:
-        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
-        announcements.close()
+        assert fed.thread.alive()
 
 
 def test_a_pinned_rejected_version_is_never_served_nor_resumed_from(

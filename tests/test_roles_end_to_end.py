@@ -36,13 +36,7 @@ from raft_stream.roles.lifecycle import Shutdown
 from raft_stream.roles.trainer import TrainerRole
 from raft_stream.stream.broker import EmbeddedBroker
 from raft_stream.stream.kafka import DeliveryError, StreamProducer, ensure_topics
-from raft_stream.stream.schema import (
-    DeadLetter,
-    decode_adapter,
-    decode_sample,
-    dumps,
-    encode_sample,
-)
+from raft_stream.stream.schema import DeadLetter, decode_sample, dumps, encode_sample
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 from tests import role_rewards
@@ -52,6 +46,7 @@ from tests.roles_support import (
     TopicReader,
     committed_offsets,
     dead_letter_reader,
+    fed_trainer,
     mean_reward_by_version,
     original_of,
     produce_prompts,
@@ -465,8 +460,6 @@ def test_a_version_the_round_could_not_announce_is_announced_once_by_the_loop(
     # try must neither fail the round (its samples trained again, a training failure
     # counted) nor go unannounced: the loop announces it, once.
     cfg = role_config(kafka_config(partitions=1), tmp_path / "state", tiny_model_dir)
-    topics = cfg.kafka.topics
-    ensure_topics(cfg.kafka, [topics.samples, topics.adapters, topics.dead_letter])
     tries: list[str] = []
 
     def refused_from_the_round(*args: object, **kwargs: object) -> None:
@@ -476,27 +469,14 @@ def test_a_version_the_round_could_not_announce_is_announced_once_by_the_loop(
         announce(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr("raft_stream.roles.trainer.announce", refused_from_the_round)
-    samples = [
-        Sample(f"p{i}", "the movie was", "the movie was", " great fun.", 3, 0, reward=0.5)
-        for i in range(cfg.buffer.batch_size)
-    ]
-    metrics = RaftMetrics(CollectorRegistry())
-    shutdown = Shutdown(cfg.daemon.grace_period_s)
-    trainer = TrainerRole(cfg, str(tiny_model_dir), metrics, shutdown)
-    announcements = TopicReader(cfg.kafka, topics.adapters, decode_adapter)
-    thread = RoleThread(trainer.run, shutdown, "test-trainer")
-    try:
-        produce_raw(cfg.kafka, [dumps(encode_sample(s)) for s in samples], topic=topics.samples)
-        heard = announcements.read_until(lambda found: len(found) >= 1, 120, "v1 announced")
+    with fed_trainer(cfg, tiny_model_dir, cfg.buffer.batch_size) as fed:
+        heard = fed.announcements.read_until(lambda found: len(found) >= 1, 120, "v1 announced")
         assert [a.version for a in heard] == [1]
         assert tries[0] == "raft-stream-training" and len(tries) == 2  # then the loop's
-        assert [a.version for a in announcements.read_all(quiet_s=3.0)] == [1]  # once
-        assert trainer.rounds == 1 and trainer.failures == 0
-        assert trainer.last_announced is not None and trainer.last_announced.version == 1
-        assert thread.alive()
-    finally:
-        thread.stop(timeout_s=cfg.daemon.grace_period_s + 10)
-        announcements.close()
+        assert [a.version for a in fed.announcements.read_all(quiet_s=3.0)] == [1]  # once
+        assert fed.role.rounds == 1 and fed.role.failures == 0
+        assert fed.role.last_announced is not None and fed.role.last_announced.version == 1
+        assert fed.thread.alive()
 
 
 def test_a_sample_with_nothing_to_learn_is_dead_lettered_untrainable_and_committed(

@@ -14,10 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from bench.crash_trials import process_state
 from raft_stream.config import load_config
+from raft_stream.generation.base import EngineDeadError
+from raft_stream.generation.engine_process import EngineDeath
+from raft_stream.metrics import RaftMetrics
 from raft_stream.roles.adapters import adapter_store_root
+from raft_stream.roles.daemon import Daemon
 from raft_stream.roles.lifecycle import EXIT_GRACE_EXPIRED, Backoff, Heartbeats, Shutdown
 from raft_stream.roles.logs import JsonFormatter
 
@@ -32,6 +37,35 @@ def test_shutdown_starts_the_grace_period_once() -> None:
     assert shutdown.reason == "SIGTERM"
     assert 0 < shutdown.remaining_s() < first <= 5
     assert shutdown.wait(10)  # returns at once once requested
+
+
+def _engine_killed() -> None:
+    raise EngineDeadError(EngineDeath(signal="unknown", pid=None, where="a test"))
+
+
+def test_an_error_after_a_stop_signal_is_the_stop_asked_for_not_a_failure(
+    tmp_path: Path,
+) -> None:
+    # Ctrl-C (or `timeout`) signals the whole process group: vLLM's engine processes die of
+    # it while the engine starts, and the daemon exited 1 saying "the vLLM engine died".
+    cfg = load_config(
+        overrides={
+            "daemon.state_dir": str(tmp_path),
+            "kafka.bootstrap_servers": "127.0.0.1:1",
+            "server.port": 0,
+        }
+    )
+    stopped = Daemon(cfg, RaftMetrics(CollectorRegistry()))
+    stopped.shutdown.request("SIGINT")
+    stopped.run("generator", _engine_killed)
+    assert not stopped.failed and stopped.exit_status == 0
+
+    failing = Daemon(cfg, RaftMetrics(CollectorRegistry()))  # no signal: it fails
+    failing.run("generator", _engine_killed)
+    assert failing.failed and failing.exit_status == 1
+    assert failing.shutdown.reason == "generator failed"
+    for daemon in (stopped, failing):
+        daemon.server.stop()  # the probe ports
 
 
 def test_heartbeats_reach_the_probe_only_when_every_loop_beat() -> None:

@@ -17,6 +17,7 @@ from raft_stream.config import RaftConfig
 from raft_stream.metrics import RaftMetrics
 from raft_stream.roles.health import BrokerProbe, Check, all_ready
 from raft_stream.roles.lifecycle import (
+    STOP_SIGNALS,
     Heartbeats,
     Shutdown,
     children_die_with_parent,
@@ -37,10 +38,11 @@ class Daemon:
     Use from the main thread: ``with Daemon(cfg) as daemon: daemon.run("generator", fn)``.
     """
 
-    def __init__(self, cfg: RaftConfig) -> None:
+    def __init__(self, cfg: RaftConfig, metrics: RaftMetrics | None = None) -> None:
+        """``metrics``: default, on prometheus_client's global registry (one per process)."""
         self.cfg = cfg
         self.shutdown = Shutdown(cfg.daemon.grace_period_s)
-        self.metrics = RaftMetrics()
+        self.metrics = metrics if metrics is not None else RaftMetrics()
         self.checks: list[Check] = []
         self.failed = False
         self.server = MetricsServer(
@@ -81,10 +83,22 @@ class Daemon:
         self.server.stop()
 
     def run(self, name: str, body: Callable[[], None]) -> None:
-        """Run ``body`` here; an exception fails the process and stops every other loop."""
+        """Run ``body`` here; an exception fails the process and stops every other loop,
+        unless a stop signal came first: the signal may have reached the process's children
+        too (Ctrl-C in a terminal, ``timeout``, a runtime signalling the process group), and
+        an engine starting or sampling dies of it. That is the stop asked for, logged, and
+        the exit status stays 0."""
         try:
             body()
         except Exception:
+            if self.shutdown.reason in STOP_SIGNALS:
+                log.warning(
+                    "%s ended with an error after %s; stopping",
+                    name,
+                    self.shutdown.reason,
+                    exc_info=True,
+                )
+                return
             log.exception("%s failed; shutting the process down", name)
             self.failed = True
             self.shutdown.request(f"{name} failed")

@@ -233,7 +233,10 @@ def join_group(consumer: JsonConsumer[T], shutdown: Shutdown, beat: Callable[[],
             report = time.monotonic()
             log.warning(
                 "not in the consumer group yet; still joining",
-                extra={"waited_s": round(report - started, 1)},
+                extra={"group": consumer.group_id, "waited_s": round(report - started, 1)},
             )
-    log.info("joined the consumer group", extra={"join_s": round(time.monotonic() - started, 2)})
+    log.info(
+        "joined the consumer group",
+        extra={"group": consumer.group_id, "join_s": round(time.monotonic() - started, 2)},
+    )
     return True

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from types import FrameType
 
 __all__ = [
+    "STOP_SIGNALS",
     "Backoff",
     "Heartbeats",
     "Shutdown",
@@ -79,14 +80,18 @@ class Shutdown:
         return max(0.0, self._deadline - time.monotonic())
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGINT")
+"""The signals that request a shutdown; the shutdown's ``reason`` is the signal's name."""
+
+
 def install_signal_handlers(shutdown: Shutdown) -> None:
     """SIGTERM and SIGINT request the shutdown (call from the main thread)."""
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         shutdown.request(signal.Signals(signum).name)
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
+    for name in STOP_SIGNALS:
+        signal.signal(signal.Signals[name], on_signal)
 
 
 def start_exit_watchdog(shutdown: Shutdown, margin_s: float = 1.0) -> threading.Thread:

@@ -321,6 +321,7 @@ class JsonConsumer(_ClosedOnExit, Generic[T]):
         away, before they go; a Handover makes the rebalance wait for a batch in hand
         and commit it. It must not block."""
         self.max_poll_records = max_poll_records
+        self.group_id = group_id
         self.joined = group_id is None
         """True once the member joined its group the first time (its assignment possibly
         empty: more members than partitions); a consumer outside any group reads its

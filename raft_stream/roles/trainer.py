@@ -499,12 +499,17 @@ class TrainerRole:
         ):
             self._consumed = {}
 
+    def _send_announcement(
+        self, clients: StreamClients[Sample], adapter: AdapterVersion, timeout_s: float
+    ) -> None:
+        """One try at announcing ``adapter``; raises what ``announce`` raises."""
+        announce(
+            clients.producer, self.cfg.kafka.topics.adapters, adapter, timeout_s, self.signing_key
+        )
+
     def _announce(self, clients: StreamClients[Sample], adapter: AdapterVersion) -> None:
-        topic = self.cfg.kafka.topics.adapters
         if until_delivered(
-            lambda timeout_s: announce(
-                clients.producer, topic, adapter, timeout_s, self.signing_key
-            ),
+            lambda timeout_s: self._send_announcement(clients, adapter, timeout_s),
             self.cfg.kafka.delivery_timeout_s,
             self.shutdown,
             self.beat,
@@ -565,13 +570,7 @@ class TrainerRole:
             self._observe_verdict(adapter, verdict)
         if not self.shutdown.requested:  # the drain must not wait on the broker for it
             try:
-                announce(
-                    clients.producer,
-                    self.cfg.kafka.topics.adapters,
-                    adapter,
-                    self.cfg.kafka.delivery_timeout_s,
-                    self.signing_key,
-                )
+                self._send_announcement(clients, adapter, self.cfg.kafka.delivery_timeout_s)
                 self._announced_early = adapter.version
             except Exception as err:  # the loop announces it, with its retries and errors
                 log.info("announcing from the round failed", extra={"error": repr(err)})

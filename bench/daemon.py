@@ -1,6 +1,7 @@
 """The streaming daemon against its plain alternatives, on the same model and prompts.
 
-1. raw vLLM: the same engine settings sampling the prompts in the daemon's batch size;
+1. raw vLLM: the same engine settings sampling the prompts in the daemon's batch size,
+   one batch at a time (``LLM.generate``), and, as the ceiling, all in one call;
 2. serial RAFT: generate a batch, then (when a streaming batch fills) train before the
    next batch — what a loop without background training does;
 3. the all-in-one daemon (``raft-stream run``) against the embedded broker: from the first
@@ -135,6 +136,8 @@ def run_raw_and_serial(
     generator = VLLMGenerator(model_path, cfg.model, cfg.generation)
     try:
         raw = sample_raw(generator, prompts, size, params, repeats)
+        # The ceiling: every prompt in one call, the engine's batch as full as it gets.
+        raw_one_call = sample_raw(generator, prompts, len(prompts), params, repeats)
         sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, params)
         trainer = LoRATrainer(model_path, cfg.training)
         store = AdapterStore(workdir / "serial-adapters", base_model=model_path)
@@ -155,6 +158,8 @@ def run_raw_and_serial(
         "raw_s": raw["s"],
         "raw_tokens": raw["tokens"],
         "raw_samples": raw["samples"],
+        "raw_one_call_s": raw_one_call["s"],
+        "raw_one_call_tokens": raw_one_call["tokens"],
         "raw_generation_cores": None if split is None else list(split.generation),
         "raw_on_generation_cores_s": None if raw_split is None else raw_split["s"],
         "raw_on_generation_cores_tokens": None if raw_split is None else raw_split["tokens"],
@@ -315,7 +320,7 @@ def main() -> None:
         "--only",
         action="append",
         help="run only these daemon variants (by name: serial, "
-        "pipelined, training, merged); repeatable",
+        "pipelined, training, merged, merged-one-batch); repeatable",
     )
     parser.add_argument(
         "--profile",
@@ -355,6 +360,15 @@ def main() -> None:
                 "merged",
                 {"generation.adapter_serving": "merged"},
             ),
+            # A new version's first batch waits for the batches ahead of it: one at a
+            # time trades throughput for the shortest swap.
+            "one batch, merged, training": (
+                "merged-one-batch",
+                {
+                    "generation.adapter_serving": "merged",
+                    "generation.max_prompts_in_flight": one_batch,
+                },
+            ),
         }
         runs = {}
         for label, (name, settings) in variants.items():
@@ -388,6 +402,18 @@ def main() -> None:
         f"{plain['raw_samples'] / plain['raw_s']:.1f}",
         f"{raw_tps:.0f}",
         "1.00",
+        "",
+        "-",
+        "-",
+    )
+    one_call_tps = plain["raw_one_call_tokens"] / plain["raw_one_call_s"]
+    result["raw_one_call_tokens_per_s"] = one_call_tps
+    table.add_row(
+        "raw vLLM, all prompts in one call",
+        f"{plain['raw_one_call_s']:.1f}",
+        f"{plain['raw_samples'] / plain['raw_one_call_s']:.1f}",
+        f"{one_call_tps:.0f}",
+        f"{one_call_tps / raw_tps:.2f}",
         "",
         "-",
         "-",

@@ -161,9 +161,10 @@ class GenerationConfig(_Section):
     (``generation.merged_weights``); for the CPU."""
 
     max_prompts_in_flight: int = Field(32, ge=1)
-    """Generator: prompts polled and not yet delivered, at most. The engine samples one
-    batch (up to ``kafka.poll_max_records`` prompts) while the ones before it are scored
-    and delivered (``roles.batches``); memory holds this many prompts and their K samples.
+    """Generator: prompts polled and not yet delivered, at most. Every batch (up to
+    ``kafka.poll_max_records`` prompts) in flight samples in the engine together
+    (continuous batching) while finished ones are scored and delivered
+    (``roles.batches``); memory holds this many prompts and their K samples.
     ``kafka.poll_max_records`` or less: one batch at a time."""
 
     openai_base_url: str | None = None

@@ -10,11 +10,19 @@ import logging
 import statistics
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from raft_stream.config import RankingConfig
 from raft_stream.errors import AdapterError
-from raft_stream.generation.base import EngineDeadError, EnginePrompt, Generator, SamplingParams
+from raft_stream.futures import done, gather, then
+from raft_stream.generation.base import (
+    EngineDeadError,
+    EnginePrompt,
+    Generator,
+    SamplingParams,
+    submit,
+)
 from raft_stream.ranking import Selection, select
 from raft_stream.rewards.safe import SafeReward
 from raft_stream.types import AdapterVersion, Completion, PromptRecord, Sample
@@ -89,35 +97,54 @@ class RaftSampler:
         self.ranking = ranking
         self.sampling = sampling
 
-    def generate(
+    def submit(
         self, prompts: list[PromptRecord], adapter: AdapterVersion | None
-    ) -> tuple[list[Sample], int]:
-        """Sample each prompt (honouring its per-request overrides); returns unscored samples."""
+    ) -> Future[tuple[list[Sample], int]]:
+        """Put each prompt into the engine (honouring its per-request overrides) and
+        return at once where the backend samples batches together (``generation.base.
+        submit``); the future holds the unscored samples and their tokens. Raises what
+        the backend raises before sampling starts."""
         groups: dict[SamplingParams, list[PromptRecord]] = defaultdict(list)
         for record in prompts:
             groups[self.sampling.with_overrides(record.sampling)].append(record)
         version = adapter.version if adapter is not None else 0
-        samples: list[Sample] = []
-        tokens = 0
-        for params, records in groups.items():
-            inputs = [EnginePrompt(r.text, r.token_ids) for r in records]
-            outputs = self.generator.generate(inputs, params, adapter)
-            for record, completions in zip(records, outputs, strict=True):
-                tokens += sum(c.num_tokens for c in completions)
-                samples += samples_of(record, completions, version)
-        return samples, tokens
+        pending = [
+            submit(
+                self.generator,
+                [EnginePrompt(r.text, r.token_ids) for r in records],
+                params,
+                adapter,
+            )
+            for params, records in groups.items()
+        ]
 
-    def generate_each(
+        def collect(outputs: list[list[list[Completion]]]) -> tuple[list[Sample], int]:
+            samples: list[Sample] = []
+            tokens = 0
+            for records, group in zip(groups.values(), outputs, strict=True):
+                for record, completions in zip(records, group, strict=True):
+                    tokens += sum(c.num_tokens for c in completions)
+                    samples += samples_of(record, completions, version)
+            return samples, tokens
+
+        return then(gather(pending), collect)
+
+    def generate(
         self, prompts: list[PromptRecord], adapter: AdapterVersion | None
-    ) -> tuple[list[Sample], int, list[tuple[int, str]]]:
-        """``generate``, and when the batch fails, each prompt alone, so a prompt the
-        engine refuses (one longer than its context) costs only itself. Returns the
-        samples, their tokens, and (index, error) of the refused prompts. A dead engine
-        (EngineDeadError) or a bad adapter (AdapterError) is raised: no prompt is at fault.
-        """
+    ) -> tuple[list[Sample], int]:
+        """Sample each prompt (honouring its per-request overrides); returns unscored samples."""
+        return self.submit(prompts, adapter).result()
+
+    def submit_each(
+        self, prompts: list[PromptRecord], adapter: AdapterVersion | None
+    ) -> tuple[Future[tuple[list[Sample], int]], list[tuple[int, str]]]:
+        """``submit``, and when the engine refuses the batch, each prompt alone (sampled
+        now), so a prompt it refuses (one longer than its context) costs only itself.
+        Returns the samples' future and (index, error) of the refused prompts. A dead
+        engine (EngineDeadError) or a bad adapter (AdapterError) is raised: no prompt is
+        at fault."""
         try:
-            samples, tokens = self.generate(prompts, adapter)
-            return samples, tokens, []
+            return self.submit(prompts, adapter), []
         except (EngineDeadError, AdapterError):
             raise
         except Exception as err:
@@ -136,6 +163,15 @@ class RaftSampler:
                 continue
             samples += some
             tokens += used
+        return done((samples, tokens)), failed
+
+    def generate_each(
+        self, prompts: list[PromptRecord], adapter: AdapterVersion | None
+    ) -> tuple[list[Sample], int, list[tuple[int, str]]]:
+        """``submit_each``, waiting: the samples, their tokens, and (index, error) of the
+        prompts the engine refused."""
+        pending, failed = self.submit_each(prompts, adapter)
+        samples, tokens = pending.result()
         return samples, tokens, failed
 
     def score(self, samples: list[Sample]) -> None:

@@ -40,10 +40,14 @@ def test_what_the_topic_brings_is_waiting_before_the_engine_stage_asks(
     feed = AdapterFeed(AdapterWatcher(cfg, refused.append, poll_timeout_s=0.5))
     try:
         assert not feed.pending.is_set() and feed.take() == []
+        arrival = feed.arrival
+        assert not arrival.done()
         with StreamProducer(cfg) as producer:
             for n in (1, 2):
                 announce(producer, cfg.topics.adapters, version(n, tmp_path), timeout_s=10)
         wait_for(feed.pending.is_set, timeout_s=10, what="the feed to get news")
+        arrival.result(timeout=10)  # wakes whoever waits on it
+        assert not feed.arrival.done(), "the next arrival is a new future"
         received: list[Received[object]] = []
 
         def both_arrived() -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import pytest
 
@@ -197,3 +198,31 @@ def test_a_failed_batch_is_raised_and_nothing_after_it_is_committed(
         finally:
             pipeline.close()
     assert committed_offsets(cfg, cfg.generator_group) == {}
+
+
+def test_a_full_pipeline_waits_for_its_oldest_batch_or_a_wake_whichever_comes_first(
+    kafka_config: MakeConfig,
+) -> None:
+    cfg = kafka_config(partitions=1, poll_max_records=2)
+    _prompts(cfg, 2)
+    release = threading.Event()
+    wake: Future[None] = Future()
+    with PromptConsumer(cfg) as consumer:
+        pipeline = _pipeline(consumer, max_prompts=2, revoke_wait_s=10.0)
+        try:
+            pipeline.submit(_first_batch(pipeline), lambda: release.wait(30), lambda _: "done")
+            assert pipeline.room == 0
+
+            started = time.monotonic()
+            assert pipeline.poll(0.6) is None
+            assert time.monotonic() - started >= 0.6  # nothing woke it: the whole timeout
+
+            threading.Timer(0.1, lambda: wake.set_result(None)).start()
+            started = time.monotonic()
+            assert pipeline.poll(20.0, [wake]) is None
+            assert time.monotonic() - started < 10.0, "the wake ended the wait"
+            assert len(pipeline) == 1  # the batch is still in flight
+        finally:
+            release.set()
+            assert _finish(pipeline) == ["done"]
+            pipeline.close()

@@ -90,3 +90,25 @@ def test_merged_serving_gives_the_lora_paths_outputs_at_temperature_zero(
         if adapter is not None:
             assert [c[0].text for c in merged] != [c[0].text for c in base]
     assert merged_engine.last_stats is not None
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_batch_in_flight_when_a_version_is_merged_in_finishes_on_the_weights_it_began_with(
+    merged_engine: object, tiny_lora_adapters: list[AdapterVersion]
+) -> None:
+    from raft_stream.generation.vllm_backend import VLLMGenerator
+
+    assert isinstance(merged_engine, VLLMGenerator)
+    longer = SamplingParams(n=1, max_new_tokens=48, temperature=0.0, seed=0)
+    base = merged_engine.generate(PROMPTS, longer, None)
+    adapter = tiny_lora_adapters[1]
+    merged = merged_engine.generate(PROMPTS, GREEDY, adapter)
+    merged_engine.generate(PROMPTS, GREEDY, None)
+
+    in_flight = merged_engine.submit(PROMPTS, longer, None)
+    after = merged_engine.submit(PROMPTS, GREEDY, adapter)  # the merge waits for it
+
+    assert in_flight.done()
+    _same(in_flight.result(), base)
+    _same(after.result(timeout=60), merged)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from raft_stream.config import SamplingConfig
 from raft_stream.errors import RaftStreamError
+from raft_stream.futures import done
 from raft_stream.types import AdapterVersion, Completion
 
 if TYPE_CHECKING:
@@ -146,6 +148,33 @@ class Generator(Protocol):
     ) -> list[list[Completion]]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SubmittingGenerator(Generator, Protocol):
+    """A backend that samples the batches it is given together (vLLM's continuous
+    batching): ``submit`` returns once the prompts are in the engine, raising what
+    ``generate`` raises before sampling starts; the future holds ``generate``'s result."""
+
+    def submit(
+        self,
+        prompts: Sequence[str | EnginePrompt],
+        params: SamplingParams,
+        adapter: AdapterVersion | None = None,
+    ) -> Future[list[list[Completion]]]: ...
+
+
+def submit(
+    generator: Generator,
+    prompts: Sequence[str | EnginePrompt],
+    params: SamplingParams,
+    adapter: AdapterVersion | None = None,
+) -> Future[list[list[Completion]]]:
+    """Sample ``prompts`` without waiting where the backend can (SubmittingGenerator);
+    other backends sample them now and return a finished future."""
+    if isinstance(generator, SubmittingGenerator):
+        return generator.submit(prompts, params, adapter)
+    return done(generator.generate(prompts, params, adapter))
 
 
 def build_generator(model_path: str, model: ModelConfig, gen: GenerationConfig) -> Generator:

@@ -21,17 +21,19 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import vllm
 from vllm.inputs import PromptType, TokensPrompt
 from vllm.lora.request import LoRARequest
-from vllm.outputs import CompletionOutput
+from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.platforms import current_platform
 from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
+from raft_stream.futures import then
 from raft_stream.generation.base import (
     MAX_LORAS,
     EngineDeadError,
@@ -41,6 +43,7 @@ from raft_stream.generation.base import (
     prompt_seed,
 )
 from raft_stream.generation.engine_dtype import choose_engine_dtype
+from raft_stream.generation.engine_loop import EngineLoop
 from raft_stream.generation.engine_process import EngineDeath, new_fault_dir, read_engine_death
 from raft_stream.generation.merged_weights import (
     BaseWeights,
@@ -94,7 +97,9 @@ class VLLMGenerator:
         except BaseException:
             self.llm.llm_engine.engine_core.shutdown()  # no engine process left behind
             raise
-        self._merger = _Merger(self.llm, model_path) if merged else None
+        self.loop = EngineLoop(self.llm.llm_engine)
+        """Every engine call from here on goes through it: batches sample together."""
+        self._merger = _Merger(self.llm, self.loop, model_path) if merged else None
         """Set in merged serving (``generation.adapter_serving``): no LoRA requests."""
         self.last_stats: GenerationStats | None = None
         self.death: EngineDeath | None = None
@@ -117,6 +122,19 @@ class VLLMGenerator:
         """``params.n`` completions per prompt: from its token ids when given (an
         EnginePrompt), else from its text (template already applied). Each completion
         carries the prompt ids the engine saw, the sampled ids and their log-probs."""
+        return self.submit(prompts, params, adapter).result()
+
+    def submit(
+        self,
+        prompts: Sequence[str | EnginePrompt],
+        params: SamplingParams,
+        adapter: AdapterVersion | None = None,
+    ) -> Future[list[list[Completion]]]:
+        """``generate`` without waiting: returns once ``adapter`` is loaded and the
+        prompts are in the engine, which samples them alongside the batches submitted
+        before (``EngineLoop``). Loading errors (AdapterError, EngineDeadError) and
+        prompts the engine refuses (one longer than its context: ValueError) raise here;
+        the future fails only when the engine dies (EngineDeadError)."""
         started = time.perf_counter()
         if self._merger is not None:
             lora, load_s = None, self._merge(adapter)
@@ -142,18 +160,30 @@ class VLLMGenerator:
             for p in inputs
         ]
         try:
-            outputs = self.llm.generate(engine_inputs, sampling, use_tqdm=False, lora_request=lora)
+            sampled = self.loop.submit(list(zip(engine_inputs, sampling, strict=True)), lora)
         except VLLMEngineDeadError as err:
             raise self.death_error() from err
-        results = [
-            [
-                _completion(o, tuple(out.prompt_token_ids or ()))
-                for o in sorted(out.outputs, key=lambda o: o.index)
+
+        def completions(outputs: list[RequestOutput]) -> list[list[Completion]]:
+            results = [
+                [
+                    _completion(o, tuple(out.prompt_token_ids or ()))
+                    for o in sorted(out.outputs, key=lambda o: o.index)
+                ]
+                for out in outputs
             ]
-            for out in outputs
-        ]
-        self.last_stats = GenerationStats.of(results, time.perf_counter() - started, load_s)
-        return results
+            self.last_stats = GenerationStats.of(results, time.perf_counter() - started, load_s)
+            return results
+
+        return then(sampled, completions, self._ours)
+
+    def _ours(self, err: BaseException) -> BaseException:
+        """vLLM's EngineDeadError as ours (naming the signal); other errors as they are."""
+        if isinstance(err, VLLMEngineDeadError):
+            death = self.death_error()
+            death.__cause__ = err
+            return death
+        return err
 
     def death_error(self) -> EngineDeadError:
         """The error for a dead engine, naming the signal its processes recorded."""
@@ -170,7 +200,9 @@ class VLLMGenerator:
         if self._merger is not None:
             return False
         self._added.pop(version, None)
-        return bool(self.llm.llm_engine.remove_lora(version))
+        # After the requests on it: a version replaced in place is dropped, not swapped.
+        engine = self.llm.llm_engine
+        return bool(self.loop.call(lambda: engine.remove_lora(version), drain=True).result())
 
     def _merge(self, adapter: AdapterVersion | None) -> float:
         """Merged serving: make ``adapter`` (None: the base model) the engine's weights;
@@ -182,7 +214,8 @@ class VLLMGenerator:
             raise self.death_error() from exc
 
     def close(self) -> None:
-        """Stop the engine's worker process."""
+        """Stop the engine's loop and its worker process."""
+        self.loop.close()
         self.llm.llm_engine.engine_core.shutdown()
 
     @staticmethod
@@ -214,7 +247,9 @@ class VLLMGenerator:
             self.remove_adapter(lora.lora_int_id)
         started = time.perf_counter()
         try:
-            self.llm.llm_engine.add_lora(lora)
+            # Between two steps: the requests in flight go on with theirs.
+            engine = self.llm.llm_engine
+            self.loop.call(lambda: engine.add_lora(lora)).result()
         except VLLMEngineDeadError as exc:
             raise self.death_error() from exc
         except Exception as exc:  # vLLM raises assorted types from its worker
@@ -250,8 +285,9 @@ def _completion(output: CompletionOutput, prompt_ids: tuple[int, ...]) -> Comple
 class _Merger:
     """Which version the engine's weights hold in merged serving, and the switch."""
 
-    def __init__(self, llm: vllm.LLM, model_path: str) -> None:
+    def __init__(self, llm: vllm.LLM, loop: EngineLoop, model_path: str) -> None:
         self.llm = llm
+        self.loop = loop
         folder = Path(model_path)
         if not folder.is_dir():  # a hub name: the files vLLM just fetched into the cache
             from huggingface_hub import snapshot_download
@@ -273,7 +309,10 @@ class _Merger:
         weights |= self.base.of(self.names - set(weights))  # what the last one changed
         path = write_weights(weights, self.folder)
         try:
-            self.llm.collective_rpc("load_weights_file", args=(str(path),))
+            # Once the requests sampling on the old weights are done.
+            self.loop.call(
+                lambda: self.llm.collective_rpc("load_weights_file", args=(str(path),)), drain=True
+            ).result()
         except VLLMEngineDeadError:
             raise
         except Exception as exc:  # vLLM raises assorted types from its workers

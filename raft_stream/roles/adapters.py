@@ -39,6 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Final
 from urllib.parse import unquote, urlparse
@@ -468,8 +469,9 @@ class AdapterFeed:
     set meanwhile. The generator looks at it before every batch, so a version stored
     while a batch samples serves the very next one, with no poll interval to wait out.
 
-    ``error``: what the thread died of (the caller raises it). ``close`` stops the thread
-    and closes the watcher.
+    ``arrival``: a future that completes when messages next arrive, for a caller blocked on
+    other work to wake for them. ``error``: what the thread died of (the caller raises
+    it). ``close`` stops the thread and closes the watcher.
     """
 
     def __init__(self, watcher: AdapterWatcher) -> None:
@@ -477,6 +479,7 @@ class AdapterFeed:
         self._lock = threading.Lock()
         self._inbox: list[Received[Message]] = []
         self.pending = threading.Event()
+        self._arrival: Future[None] = Future()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -491,11 +494,23 @@ class AdapterFeed:
                 if received:
                     with self._lock:
                         self._inbox += received
-                    self.pending.set()
+                    self._arrived()
         except BaseException as err:  # raised to the role by whoever takes next
             log.exception("the adapters topic feed failed")
             self.error = err
-            self.pending.set()
+            self._arrived()
+
+    def _arrived(self) -> None:
+        self.pending.set()
+        with self._lock:
+            arrived, self._arrival = self._arrival, Future()
+        arrived.set_result(None)
+
+    @property
+    def arrival(self) -> Future[None]:
+        """Completes when messages arrive after this call (or the thread dies)."""
+        with self._lock:
+            return self._arrival
 
     def take(self) -> list[Received[Message]]:
         """What arrived since the last take, in the topic's order. Raises what the

@@ -1,14 +1,15 @@
-"""The generator's pipeline: the engine samples the next batch while the last is delivered,
-and slow batches never take the consumer out of its group.
+"""The generator's pipeline: batches go into the engine as they are polled and are
+delivered as they finish, and slow batches never take the consumer out of its group.
 
 Each polled batch goes through two stages, each on a thread of its own and one batch at
-a time, in poll order: ``engine`` (formatting and sampling: the engine is never asked two
-things at once) and ``deliver`` (scoring, ranking, sending, waiting for the broker's
-acks). So while batch n is scored and delivered, batch n+1 is sampling: the engine does
+a time, in poll order: ``engine`` (formatting, and putting the batch into the engine,
+which samples every batch it holds together: ``generation.engine_loop``) and ``deliver``
+(waiting for its samples, scoring, ranking, sending, waiting for the broker's acks). So
+while batch n is scored and delivered, batches n+1, n+2... are sampling: the engine does
 not idle while rewards are computed and sends acknowledged. Other engine work (loading a
-new adapter version) is queued on the engine stage between batches
-(``run_on_engine``), so a version applies to the batches sampled after it is loaded
-while the ones before finish on theirs.
+new adapter version) is queued on the engine stage between batches (``run_on_engine``),
+so a version applies to the batches submitted after it is loaded while the ones before
+finish on theirs.
 
 Commits stay at least once: batches finish in poll order, and a finished batch's offsets
 are committed only when every batch polled before it was delivered too, so the committed
@@ -31,11 +32,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from raft_stream.stream.kafka import Handover, JsonConsumer, PollBatch, TopicPartition
 
@@ -107,13 +108,13 @@ class BatchPipeline(Generic[T, R]):
 
     # -- the consumer's side ------------------------------------------------------------------
 
-    def poll(self, timeout_s: float) -> PollBatch[T] | None:
+    def poll(self, timeout_s: float, wake: Iterable[Future[Any]] = ()) -> PollBatch[T] | None:
         """Wait up to ``timeout_s`` for what fits; None when nothing came. When nothing
         fits, wait as long for the oldest batch instead (the consumer paused and kept
-        alive)."""
+        alive), or until a future of ``wake`` completes."""
         room = self.room
         if room == 0:
-            self.wait(timeout_s)
+            self.wait(timeout_s, wake)
             return None
         batch = self._consumer.poll(timeout_s, max_records=room, holding=bool(self._queue))
         return batch if len(batch) else None
@@ -155,20 +156,25 @@ class BatchPipeline(Generic[T, R]):
             results.append(result)
         return results
 
-    def wait(self, timeout_s: float) -> None:
+    def wait(self, timeout_s: float, wake: Iterable[Future[Any]] = ()) -> None:
         """Keep the consumer alive (paused: nothing is fetched) until the oldest batch
-        finishes or ``timeout_s`` passes."""
+        finishes, a future of ``wake`` completes, or ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
+        wake = list(wake)
         self._consumer.pause()
         try:
             while self._queue and not self._queue[0].result.done():
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or any(future.done() for future in wake):
                     return
                 # Blocked on the batch, not spinning on the consumer (its polls wake
                 # kafka-python's IO thread and take the CPU the engine needs); a poll at
                 # least every ``poll_s`` keeps the member in its group.
-                futures.wait([self._queue[0].result], timeout=min(self._poll_s, left))
+                futures.wait(
+                    [self._queue[0].result, *wake],
+                    timeout=min(self._poll_s, left),
+                    return_when=futures.FIRST_COMPLETED,
+                )
                 self._consumer.keep_alive(0)
         finally:
             self._consumer.resume()

@@ -1,17 +1,19 @@
 """The generator role: prompts in, K scored and ranked samples per prompt out.
 
-Batches flow through a pipeline (``roles.batches.BatchPipeline``): the engine samples one
-while the ones before it are scored and delivered, with at most
-``generation.max_prompts_in_flight`` prompts polled and not yet delivered, and the
-consumer kept in its group however long a batch takes:
+Batches flow through a pipeline (``roles.batches.BatchPipeline``): each goes into the
+engine as soon as it is polled, and vLLM samples it together with the batches before it
+(continuous batching, ``generation.engine_loop``) while finished ones are scored and
+delivered, with at most ``generation.max_prompts_in_flight`` prompts polled and not yet
+delivered, and the consumer kept in its group however long a batch takes:
 
 1. poll a batch (at most ``kafka.poll_max_records`` prompts, and what fits in flight; bad
    messages come back as dead letters);
-2. engine stage: format and sample it with the adapter being served;
-3. deliver stage: score and rank it; encode each prompt's samples (a prompt whose sample
-   would exceed ``kafka.max_message_bytes`` is dead-lettered, ``output_too_large``); send
-   its samples (and dead letters) and block until the broker acknowledged them all,
-   retrying with backoff through an outage without generating again;
+2. engine stage: format it and put it into the engine with the adapter being served;
+3. deliver stage: once sampled, score and rank it; encode each prompt's samples (a
+   prompt whose sample would exceed ``kafka.max_message_bytes`` is dead-lettered,
+   ``output_too_large``); send its samples (and dead letters) and block until the broker
+   acknowledged them all, retrying with backoff through an outage without generating
+   again;
 4. only then, and once every batch polled before it is delivered too, commit its offsets
    (dead-lettered ones included).
 
@@ -51,6 +53,7 @@ from dataclasses import dataclass
 
 from raft_stream.config import RaftConfig
 from raft_stream.errors import AdapterError, RaftStreamError
+from raft_stream.futures import done, then
 from raft_stream.generation.base import (
     EngineDeadError,
     Generator,
@@ -251,11 +254,15 @@ class GeneratorRole:
             log.info("generator serving", extra={"adapter_version": self.served_version})
             while not self.shutdown.requested:
                 self.beat()
+                arrival = feed.arrival  # before the look: what comes after it wakes us
                 self._schedule_adapter_check(pipeline, feed)
-                # Full: block until the oldest batch is done. Room with batches in flight:
-                # a short wait for prompts, so a done batch is committed soon.
+                # Full: block until the oldest batch is done, or adapters messages came
+                # (or a look on the engine stage ended), so a new version loads at once.
+                # Room with batches in flight: a short wait for prompts, so a done batch
+                # is committed soon.
                 busy = len(pipeline) and pipeline.room
-                batch = pipeline.poll(BUSY_POLL_S if busy else POLL_TIMEOUT_S)
+                wake = [arrival, *([self._adapter_check] if self._adapter_check else [])]
+                batch = pipeline.poll(BUSY_POLL_S if busy else POLL_TIMEOUT_S, wake)
                 if batch is not None:
                     self.metrics.prompts_consumed_total.inc(len(batch))
                     pipeline.submit(
@@ -303,16 +310,20 @@ class GeneratorRole:
         )
         letters = [*batch.dead, *unformatted]
         started = time.perf_counter()
-        samples, tokens, failed = self._sample([prompt for _, prompt in formatted])
-        if self._loaded_at is not None and samples:
-            version, loaded = self._loaded_at
-            if samples[0].adapter_version == version:
-                self.metrics.observe_swap_phase("first_batch", time.perf_counter() - loaded)
-            self._loaded_at = None
+        pending, failed = self._sample([prompt for _, prompt in formatted])
+        loaded, self._loaded_at = self._loaded_at, None
+
+        def sampled(result: tuple[list[Sample], int]) -> _Samples:
+            samples, tokens = result
+            now = time.perf_counter()
+            if loaded is not None and samples and samples[0].adapter_version == loaded[0]:
+                self.metrics.observe_swap_phase("first_batch", now - loaded[1])
+            return _Samples(samples, tokens, now - started)
+
         for index, error in failed:
             letters.append(formatted[index][0].dead_letter(GENERATION_FAILED, error))
         records = [record for record, _ in formatted]
-        return _Sampled(records, letters, samples, tokens, time.perf_counter() - started, failed)
+        return _Sampled(records, letters, then(pending, sampled), failed)
 
     def _deliver(
         self,
@@ -324,9 +335,12 @@ class GeneratorRole:
         letters) and wait for the acks; the pipeline then commits it. None: shutdown came
         during an outage, nothing delivered for sure, so nothing is committed (whoever
         consumes the batch next redoes it)."""
-        scored = self.sampler.rank(
-            sampled.samples, sampled.tokens, sampled.generation_s, sampled.failed
-        )
+        try:
+            done = sampled.samples.result()
+        except EngineDeadError as err:
+            self._engine_died(err)
+            raise
+        scored = self.sampler.rank(done.samples, done.tokens, done.generation_s, sampled.failed)
         letters = list(sampled.letters)
         unscored = self._unscored(scored.samples)
         letters += [
@@ -404,21 +418,19 @@ class GeneratorRole:
 
     def _sample(
         self, prompts: list[PromptRecord]
-    ) -> tuple[list[Sample], int, list[tuple[int, str]]]:
-        """Sample the batch; on failure find the prompts the engine cannot take.
+    ) -> tuple[Future[tuple[list[Sample], int]], list[tuple[int, str]]]:
+        """Put the batch into the engine; when it refuses, find the prompts it cannot take.
 
-        Returns the (unscored) samples of the usable prompts, their tokens, and (index,
-        error) of the others. Raises EngineFailure when no prompt works and the engine
-        does not answer a probe.
+        Returns the future of the usable prompts' (unscored) samples and their tokens,
+        and (index, error) of the others. Raises EngineFailure when no prompt works and
+        the engine does not answer a probe.
         """
         if not prompts:
-            return [], 0, []
+            return done(([], 0)), []
         try:
-            samples, tokens, failed = self.sampler.generate_each(prompts, self.adapter)
+            pending, failed = self.sampler.submit_each(prompts, self.adapter)
         except EngineDeadError as err:
-            # Nothing more can be sampled in this process: count it, fail the role, and let
-            # the supervisor restart the process (the batch is redone, uncommitted).
-            self.metrics.count_engine_death(err.death.signal)
+            self._engine_died(err)
             raise
         except AdapterError as err:
             if self.adapter is None:
@@ -435,7 +447,12 @@ class GeneratorRole:
             return self._sample(prompts)
         if len(failed) == len(prompts) and not self._engine_answers():
             raise EngineFailure(f"the engine fails every prompt and a probe: {failed[0][1]}")
-        return samples, tokens, failed
+        return pending, failed
+
+    def _engine_died(self, err: EngineDeadError) -> None:
+        """Nothing more can be sampled in this process: count it; the role fails and its
+        supervisor restarts the process (the batches in flight are redone, uncommitted)."""
+        self.metrics.count_engine_death(err.death.signal)
 
     def _engine_answers(self) -> bool:
         try:
@@ -480,6 +497,7 @@ class GeneratorRole:
         if check is not None:
             if not check.done():
                 return
+            self._adapter_check = None
             check.result()
         now = time.monotonic()
         if now < self._next_adapter_check and not feed.pending.is_set():
@@ -683,14 +701,22 @@ def _identity(announcement: AdapterAnnouncement) -> tuple[object, ...]:
 
 
 @dataclass(frozen=True)
+class _Samples:
+    """A batch's samples (unscored), their tokens, and the seconds from its submission
+    to its last sample."""
+
+    samples: list[Sample]
+    tokens: int
+    generation_s: float
+
+
+@dataclass(frozen=True)
 class _Sampled:
-    """What the engine stage hands the deliver stage."""
+    """What the engine stage hands the deliver stage: the batch is in the engine."""
 
     records: list[Received[PromptRecord]]
     """The batch's usable records (formatted), in poll order."""
     letters: list[DeadLetter]
-    samples: list[Sample]
-    """Unscored."""
-    tokens: int
-    generation_s: float
+    samples: Future[_Samples]
     failed: list[tuple[int, str]]
+    """(index in ``records``, error) of the prompts the engine refused."""

@@ -1,0 +1,244 @@
+"""Continuous batching for vLLM's offline engine: one thread steps it, batches join it.
+
+``vllm.LLM.generate`` adds a batch's requests and steps the engine until they are all
+done, so the engine runs one batch at a time and idles between calls, and the sequences
+of a batch that finish early leave their slots empty until the last one finishes.
+``EngineLoop`` is the loop ``LLM._run_engine`` runs, kept going: a thread owns the
+``LLMEngine``, adds each submitted batch's requests as soon as it comes (vLLM's scheduler
+puts them in the running batch at its next step: continuous batching), steps while any
+request is unfinished, and completes a batch's future when its last request finishes.
+
+Other engine work (adding a LoRA adapter, reloading weights) runs on the same thread,
+between steps and in submission order, so a batch submitted after a load samples with
+what it loaded. ``call(..., drain=True)`` first lets every request submitted before it
+finish (weights changed in place must not change under a running request).
+
+A step that raises (vLLM's EngineDeadError when its processes died) fails every batch in
+flight and every later one with that error: nothing more can be sampled from the engine.
+
+    >>> loop = EngineLoop(llm.llm_engine)
+    >>> done = loop.submit([("the movie was", vllm.SamplingParams(n=4))])
+    >>> [output] = done.result()  # a vllm RequestOutput with 4 completions
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import vllm
+from vllm.inputs import PromptType
+from vllm.lora.request import LoRARequest
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.llm_engine import LLMEngine
+
+__all__ = ["EngineClosedError", "EngineLoop"]
+
+log = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+Request = tuple[PromptType, vllm.SamplingParams]
+
+
+class EngineClosedError(RuntimeError):
+    """The loop was closed before the work ran or finished."""
+
+
+@dataclass
+class _Batch:
+    requests: Sequence[Request]
+    lora: LoRARequest | None
+    done: Future[list[RequestOutput]] = field(default_factory=Future)
+    added: threading.Event = field(default_factory=threading.Event)
+    """Set once the requests are in the engine, or adding them failed."""
+    outputs: dict[str, RequestOutput] = field(default_factory=dict)
+    ids: list[str] = field(default_factory=list)
+    """Its requests' ids, as their outputs carry them."""
+    engine_ids: list[str] = field(default_factory=list)
+    """The same requests' ids inside the engine (vLLM adds a random suffix): to abort."""
+
+
+@dataclass
+class _Call:
+    work: Callable[[], Any]
+    drain: bool
+    done: Future[Any] = field(default_factory=Future)
+
+
+_CLOSE = object()
+
+
+class EngineLoop:
+    """Steps ``engine`` on a thread of its own (module docstring). Thread-safe; ``close``
+    when done (before shutting the engine down)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self._engine = engine
+        self._jobs: queue.SimpleQueue[_Batch | _Call | object] = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._running: dict[str, _Batch] = {}
+        """Request id -> its batch, for every request added and not finished."""
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        """Set (under ``_lock``) once the thread takes no more jobs."""
+        self._thread = threading.Thread(target=self._run, name="raft-stream-vllm", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, requests: Sequence[Request], lora: LoRARequest | None = None
+    ) -> Future[list[RequestOutput]]:
+        """Sample ``requests`` (prompt, params), with ``lora`` when given. Returns once
+        they are in the engine (at its next step), raising what adding them raised (a
+        prompt longer than the context: ValueError; none of the batch is sampled); the
+        future holds one RequestOutput per request, in order (each with ``params.n``
+        completions), or the error a step raised (EngineClosedError: closed first)."""
+        batch = _Batch(requests, lora)
+        self._put(batch)
+        batch.added.wait()
+        if not batch.ids and batch.done.done() and (err := batch.done.exception()) is not None:
+            raise err
+        return batch.done
+
+    def call(self, work: Callable[[], V], *, drain: bool = False) -> Future[V]:
+        """Run ``work`` on the engine's thread after what was submitted before it (with
+        ``drain``, after it finished too); the future holds its result or error."""
+        job = _Call(work, drain)
+        self._put(job)
+        return job.done
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread: requests still running are aborted and their batches, like
+        work not yet started, fail with EngineClosedError."""
+        if self._thread.is_alive():
+            self._jobs.put(_CLOSE)
+            self._thread.join(timeout_s)
+
+    def _put(self, job: _Batch | _Call) -> None:
+        with self._lock:
+            if not self._closed:
+                self._jobs.put(job)
+                return
+        job.done.set_exception(EngineClosedError("the engine loop is closed"))
+        if isinstance(job, _Batch):
+            job.added.set()
+
+    # -- the engine's thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        waiting: deque[_Batch | _Call | object] = deque()
+        try:
+            while True:
+                idle = not self._running and not waiting
+                try:  # block for work only when there is nothing to step
+                    waiting.append(self._jobs.get(block=idle))
+                    while True:
+                        waiting.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    pass
+                while waiting:
+                    job = waiting[0]
+                    if job is _CLOSE:
+                        return
+                    if isinstance(job, _Call) and job.drain and self._running:
+                        break  # after the requests before it
+                    waiting.popleft()
+                    self._start(job)  # type: ignore[arg-type]
+                if self._running:
+                    self._step()
+        finally:
+            self._close(waiting)
+
+    def _start(self, job: _Batch | _Call) -> None:
+        if isinstance(job, _Call):
+            try:
+                job.done.set_result(job.work())
+            except BaseException as err:
+                job.done.set_exception(err)
+            return
+        try:
+            self._add(job)
+        finally:
+            job.added.set()
+
+    def _add(self, job: _Batch) -> None:
+        if self._failure is not None:
+            job.done.set_exception(self._failure)
+            return
+        try:
+            for prompt, params in job.requests:
+                params = params.clone()
+                params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate asks
+                request_id = str(next(self._ids))
+                job.engine_ids.append(
+                    self._engine.add_request(request_id, prompt, params, lora_request=job.lora)
+                )
+                job.ids.append(request_id)
+        except BaseException as err:
+            if job.engine_ids:
+                self._engine.abort_request(job.engine_ids, internal=True)
+            job.ids, job.engine_ids = [], []
+            job.done.set_exception(err)
+            return
+        for request_id in job.ids:
+            self._running[request_id] = job
+        if not job.ids:
+            job.done.set_result([])
+
+    def _step(self) -> None:
+        try:
+            if not self._engine.has_unfinished_requests():  # step() would wait forever
+                raise RuntimeError(f"the engine dropped {len(self._running)} request(s)")
+            outputs = self._engine.step()
+        except BaseException as err:
+            self._failure = err
+            log.error("the vLLM engine failed a step", extra={"error": repr(err)})
+            self._fail_running(err)
+            return
+        for output in outputs:
+            if not isinstance(output, RequestOutput) or not output.finished:
+                continue
+            owner = self._running.pop(output.request_id, None)
+            if owner is None:
+                continue
+            owner.outputs[output.request_id] = output
+            if len(owner.outputs) == len(owner.ids):
+                owner.done.set_result([owner.outputs[i] for i in owner.ids])
+
+    def _fail_running(self, err: BaseException) -> None:
+        for batch in {id(b): b for b in self._running.values()}.values():
+            batch.done.set_exception(err)
+        self._running.clear()
+
+    def _close(self, waiting: deque[_Batch | _Call | object]) -> None:
+        with self._lock:
+            self._closed = True
+        closed = EngineClosedError("the engine loop was closed before this ran")
+        if self._running and self._failure is None:
+            try:
+                batches = {id(b): b for b in self._running.values()}.values()
+                self._engine.abort_request(
+                    [i for b in batches for i in b.engine_ids], internal=True
+                )
+            except Exception as err:  # a dead engine: nothing left to abort
+                log.info("aborting at close failed", extra={"error": repr(err)})
+        self._fail_running(closed)
+        while True:
+            try:
+                waiting.append(self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        for job in waiting:
+            if isinstance(job, (_Batch, _Call)):
+                job.done.set_exception(closed)
+            if isinstance(job, _Batch):
+                job.added.set()

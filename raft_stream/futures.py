@@ -6,6 +6,7 @@ stages chain what follows onto its futures instead of blocking a thread per batc
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TypeVar
@@ -50,11 +51,13 @@ def gather(futures: Sequence[Future[V]]) -> Future[list[V]]:
         gathered.set_result([])
         return gathered
     left = [len(futures)]
+    lock = threading.Lock()  # callbacks run on the threads that complete the futures
 
     def finish(_: Future[V]) -> None:
-        left[0] -= 1  # add_done_callback runs each callback once; the GIL guards the count
-        if left[0]:
-            return
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
         try:
             gathered.set_result([f.result() for f in futures])
         except BaseException as err:

@@ -152,7 +152,17 @@ class RaftSampler:
                 "generation failed for a batch; retrying prompt by prompt",
                 extra={"prompts": len(prompts), "error": repr(err)},
             )
-        samples, tokens, failed = [], 0, []
+        samples, tokens, failed = self.each_alone(prompts, adapter)
+        return done((samples, tokens)), failed
+
+    def each_alone(
+        self, prompts: list[PromptRecord], adapter: AdapterVersion | None
+    ) -> tuple[list[Sample], int, list[tuple[int, str]]]:
+        """Sample each prompt on its own: the samples, their tokens, and (index, error) of
+        the prompts that failed. EngineDeadError and AdapterError are raised."""
+        samples: list[Sample] = []
+        tokens = 0
+        failed: list[tuple[int, str]] = []
         for index, prompt in enumerate(prompts):
             try:
                 some, used = self.generate([prompt], adapter)
@@ -163,7 +173,7 @@ class RaftSampler:
                 continue
             samples += some
             tokens += used
-        return done((samples, tokens)), failed
+        return samples, tokens, failed
 
     def generate_each(
         self, prompts: list[PromptRecord], adapter: AdapterVersion | None

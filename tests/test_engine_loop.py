@@ -4,6 +4,8 @@ order, and closing fails what is left instead of leaving a caller waiting."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,20 @@ def test_a_call_that_raises_fails_its_future_and_the_loop_goes_on(
     assert len(vllm_generator.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=4))) == 3
 
 
+def test_engine_work_cancelled_before_it_ran_is_skipped_and_the_loop_goes_on(
+    vllm_generator: VLLMGenerator,
+) -> None:
+    loop = vllm_generator.loop
+    started = threading.Event()
+    busy = loop.call(lambda: (started.set(), time.sleep(0.5)))
+    skipped = loop.call(lambda: pytest.fail("a cancelled call ran"))
+    started.wait(30)
+
+    assert skipped.cancel()
+    busy.result(timeout=30)
+    assert len(vllm_generator.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=4))) == 3
+
+
 def test_a_prompt_the_engine_refuses_raises_on_submit_and_nothing_of_its_batch_runs(
     vllm_generator: VLLMGenerator,
 ) -> None:
@@ -86,10 +102,12 @@ def test_closing_fails_the_batches_in_flight_and_refuses_new_ones(tiny_model_dir
     )
     try:
         in_flight = generator.loop.submit([(p, _long()) for p in PROMPTS])
+        after_it = generator.loop.call(lambda: None, drain=True)  # closing does not wait
         generator.loop.close()
 
-        with pytest.raises(EngineClosedError):
-            in_flight.result(timeout=60)
+        for future in (in_flight, after_it):
+            with pytest.raises(EngineClosedError):
+                future.result(timeout=60)
         with pytest.raises(EngineClosedError):
             generator.generate(PROMPTS, SamplingParams(n=2, max_new_tokens=4))
     finally:

@@ -112,3 +112,27 @@ def test_a_batch_in_flight_when_a_version_is_merged_in_finishes_on_the_weights_i
     assert in_flight.done()
     _same(in_flight.result(), base)
     _same(after.result(timeout=60), merged)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_prompt_prefix_cached_under_the_old_weights_is_computed_again_under_the_new(
+    merged_engine: object,
+    vllm_generator: object,
+    tiny_lora_adapters: list[AdapterVersion],
+) -> None:
+    """vLLM's prefix cache keys blocks by tokens (and LoRA name, which merged serving
+    lacks): a long shared prefix sampled on the base weights must not be reused by the
+    version merged in after them."""
+    from raft_stream.generation.vllm_backend import VLLMGenerator
+
+    assert isinstance(merged_engine, VLLMGenerator) and isinstance(vllm_generator, VLLMGenerator)
+    # ~160 tokens: a full block of vLLM-CPU's cache (128 tokens) is shared by all three.
+    prompts = ["i liked it. " * 20 + prompt for prompt in PROMPTS]
+    merged_engine.generate(prompts, GREEDY, None)  # the prefix's blocks, base weights
+    adapter = tiny_lora_adapters[2]
+
+    _same(
+        merged_engine.generate(prompts, GREEDY, adapter),
+        vllm_generator.generate(prompts, GREEDY, adapter),
+    )

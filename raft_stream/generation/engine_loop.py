@@ -13,8 +13,10 @@ between steps and in submission order, so a batch submitted after a load samples
 what it loaded. ``call(..., drain=True)`` first lets every request submitted before it
 finish (weights changed in place must not change under a running request).
 
-A step that raises (vLLM's EngineDeadError when its processes died) fails every batch in
-flight and every later one with that error: nothing more can be sampled from the engine.
+A step that raises fails every batch in flight (their requests aborted); when it is
+vLLM's EngineDeadError (its processes died), every later batch fails with it too:
+nothing more can be sampled from that engine. A future that was cancelled before its work
+started is skipped.
 
     >>> loop = EngineLoop(llm.llm_engine)
     >>> done = loop.submit([("the movie was", vllm.SamplingParams(n=4))])
@@ -38,6 +40,7 @@ from vllm.inputs import PromptType
 from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.engine.llm_engine import LLMEngine
 
 __all__ = ["EngineClosedError", "EngineLoop"]
@@ -145,10 +148,10 @@ class EngineLoop:
                         waiting.append(self._jobs.get_nowait())
                 except queue.Empty:
                     pass
+                if any(job is _CLOSE for job in waiting):
+                    return  # what waits before it fails too: closing does not wait
                 while waiting:
                     job = waiting[0]
-                    if job is _CLOSE:
-                        return
                     if isinstance(job, _Call) and job.drain and self._running:
                         break  # after the requests before it
                     waiting.popleft()
@@ -159,6 +162,10 @@ class EngineLoop:
             self._close(waiting)
 
     def _start(self, job: _Batch | _Call) -> None:
+        if not job.done.set_running_or_notify_cancel():  # cancelled by its caller
+            if isinstance(job, _Batch):
+                job.added.set()
+            return
         if isinstance(job, _Call):
             try:
                 job.done.set_result(job.work())
@@ -200,8 +207,11 @@ class EngineLoop:
                 raise RuntimeError(f"the engine dropped {len(self._running)} request(s)")
             outputs = self._engine.step()
         except BaseException as err:
-            self._failure = err
             log.error("the vLLM engine failed a step", extra={"error": repr(err)})
+            if isinstance(err, EngineDeadError):
+                self._failure = err  # nothing more runs on a dead engine
+            else:
+                self._abort_running()
             self._fail_running(err)
             return
         for output in outputs:
@@ -214,8 +224,21 @@ class EngineLoop:
             if len(owner.outputs) == len(owner.ids):
                 owner.done.set_result([owner.outputs[i] for i in owner.ids])
 
+    def _abort_running(self) -> None:
+        """Stop the requests of every batch in flight in the engine."""
+        ids = [i for batch in self._batches_running() for i in batch.engine_ids]
+        if not ids:
+            return
+        try:
+            self._engine.abort_request(ids, internal=True)
+        except Exception as err:  # a dead engine: nothing left to abort
+            log.info("aborting requests failed", extra={"error": repr(err)})
+
+    def _batches_running(self) -> list[_Batch]:
+        return list({id(b): b for b in self._running.values()}.values())
+
     def _fail_running(self, err: BaseException) -> None:
-        for batch in {id(b): b for b in self._running.values()}.values():
+        for batch in self._batches_running():
             batch.done.set_exception(err)
         self._running.clear()
 
@@ -223,14 +246,8 @@ class EngineLoop:
         with self._lock:
             self._closed = True
         closed = EngineClosedError("the engine loop was closed before this ran")
-        if self._running and self._failure is None:
-            try:
-                batches = {id(b): b for b in self._running.values()}.values()
-                self._engine.abort_request(
-                    [i for b in batches for i in b.engine_ids], internal=True
-                )
-            except Exception as err:  # a dead engine: nothing left to abort
-                log.info("aborting at close failed", extra={"error": repr(err)})
+        if self._failure is None:
+            self._abort_running()
         self._fail_running(closed)
         while True:
             try:
@@ -238,7 +255,7 @@ class EngineLoop:
             except queue.Empty:
                 break
         for job in waiting:
-            if isinstance(job, (_Batch, _Call)):
+            if isinstance(job, (_Batch, _Call)) and job.done.set_running_or_notify_cancel():
                 job.done.set_exception(closed)
             if isinstance(job, _Batch):
                 job.added.set()

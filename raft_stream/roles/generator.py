@@ -161,6 +161,7 @@ class GeneratorRole:
         self._adapter_check: Future[None] | None = None
         self._target_moved_at: float | None = None
         """When the broker got the message that moved the ledger's target (Unix s)."""
+        self._death_counted = False
         self._loaded_at: tuple[int, float] | None = None
         """(version, perf_counter) of the last load, until a batch is sampled on it."""
         self.ledger = ServingLedger()
@@ -311,7 +312,9 @@ class GeneratorRole:
         letters = [*batch.dead, *unformatted]
         started = time.perf_counter()
         pending, failed = self._sample([prompt for _, prompt in formatted])
-        loaded, self._loaded_at = self._loaded_at, None
+        loaded = None
+        if formatted:  # the version's first batch is one with prompts
+            loaded, self._loaded_at = self._loaded_at, None
 
         def sampled(result: tuple[list[Sample], int]) -> _Samples:
             samples, tokens = result
@@ -323,7 +326,8 @@ class GeneratorRole:
         for index, error in failed:
             letters.append(formatted[index][0].dead_letter(GENERATION_FAILED, error))
         records = [record for record, _ in formatted]
-        return _Sampled(records, letters, then(pending, sampled), failed)
+        prompts = [prompt for _, prompt in formatted]
+        return _Sampled(records, letters, then(pending, sampled), failed, prompts, self.adapter)
 
     def _deliver(
         self,
@@ -335,13 +339,9 @@ class GeneratorRole:
         letters) and wait for the acks; the pipeline then commits it. None: shutdown came
         during an outage, nothing delivered for sure, so nothing is committed (whoever
         consumes the batch next redoes it)."""
-        try:
-            done = sampled.samples.result()
-        except EngineDeadError as err:
-            self._engine_died(err)
-            raise
-        scored = self.sampler.rank(done.samples, done.tokens, done.generation_s, sampled.failed)
-        letters = list(sampled.letters)
+        done, failed, letters = self._sampled_or_alone(sampled)
+        scored = self.sampler.rank(done.samples, done.tokens, done.generation_s, failed)
+        letters = [*sampled.letters, *letters]
         unscored = self._unscored(scored.samples)
         letters += [
             record.dead_letter(REWARD_FAILED, unscored[record.value.id])
@@ -370,6 +370,28 @@ class GeneratorRole:
         ):
             return None
         return scored
+
+    def _sampled_or_alone(
+        self, sampled: _Sampled
+    ) -> tuple[_Samples, list[tuple[int, str]], list[DeadLetter]]:
+        """The batch's samples, the prompts the engine refused and their dead letters.
+        When a step failed and the engine lives, each prompt is sampled again alone, so
+        the one at fault costs only itself (``generation_failed``)."""
+        try:
+            return sampled.samples.result(), sampled.failed, []
+        except EngineDeadError as err:
+            self._engine_died(err)
+            raise
+        except Exception as err:
+            log.warning(
+                "the engine failed a step of a batch; sampling its prompts one by one",
+                extra={"prompts": len(sampled.prompts), "error": repr(err)},
+            )
+        started = time.perf_counter()
+        samples, tokens, failed = self.sampler.each_alone(sampled.prompts, sampled.adapter)
+        self._check_engine(failed, len(sampled.prompts))
+        letters = [sampled.records[i].dead_letter(GENERATION_FAILED, e) for i, e in failed]
+        return _Samples(samples, tokens, time.perf_counter() - started), failed, letters
 
     def _unscored(self, samples: list[Sample]) -> dict[str, str]:
         """Prompt id -> why, for each prompt none of whose samples got a reward because
@@ -445,14 +467,21 @@ class GeneratorRole:
                 self._now_serving(None)
                 self._serving_key = None
             return self._sample(prompts)
-        if len(failed) == len(prompts) and not self._engine_answers():
-            raise EngineFailure(f"the engine fails every prompt and a probe: {failed[0][1]}")
+        self._check_engine(failed, len(prompts))
         return pending, failed
 
+    def _check_engine(self, failed: list[tuple[int, str]], prompts: int) -> None:
+        """Raise EngineFailure when every prompt failed and the engine fails a probe."""
+        if prompts and len(failed) == prompts and not self._engine_answers():
+            raise EngineFailure(f"the engine fails every prompt and a probe: {failed[0][1]}")
+
     def _engine_died(self, err: EngineDeadError) -> None:
-        """Nothing more can be sampled in this process: count it; the role fails and its
-        supervisor restarts the process (the batches in flight are redone, uncommitted)."""
-        self.metrics.count_engine_death(err.death.signal)
+        """Nothing more can be sampled in this process: count it (once: every batch in
+        flight fails with it); the role fails and its supervisor restarts the process
+        (the batches in flight are redone, uncommitted)."""
+        if not self._death_counted:
+            self._death_counted = True
+            self.metrics.count_engine_death(err.death.signal)
 
     def _engine_answers(self) -> bool:
         try:
@@ -720,3 +749,7 @@ class _Sampled:
     samples: Future[_Samples]
     failed: list[tuple[int, str]]
     """(index in ``records``, error) of the prompts the engine refused."""
+    prompts: list[PromptRecord]
+    """The formatted prompts of ``records``, as submitted."""
+    adapter: AdapterVersion | None
+    """The version they were submitted with."""

@@ -33,7 +33,10 @@ from raft_stream.streaming_demo import (
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 
-PROMPTS = 320
+PROMPTS = 480
+"""The demo feeds them all at once and the engine samples faster than training and the gate
+judge versions: with 320, the stream could end before a third version served (stop 19's
+CI run: versions v3 and v4 were promoted after the last prompt was sampled)."""
 
 CANARY = CanaryFigures(reward_mean=0.42, reward_ci95=0.1, distinct_2=0.8, mean_tokens=9.0, kl=0.02)
 

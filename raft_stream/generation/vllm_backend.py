@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -100,6 +101,7 @@ class VLLMGenerator:
         except BaseException:
             self.llm.llm_engine.engine_core.shutdown()  # no engine process left behind
             raise
+        self._submitting = threading.Lock()
         self.loop = EngineLoop(self.llm.llm_engine)
         """Every engine call from here on goes through it: batches sample together."""
         self._merger = _Merger(self.llm, self.loop, model_path) if merged else None
@@ -140,11 +142,6 @@ class VLLMGenerator:
         VLLMValidationError) raise here; the future fails when a step fails
         (EngineDeadError when the engine died) or the loop was closed (EngineClosedError)."""
         started = time.perf_counter()
-        if self._merger is not None:
-            lora, load_s = None, self._merge(adapter)
-        else:
-            lora = self._lora_request(adapter)
-            load_s = self._add(lora, adapter.sha256) if lora is not None and adapter else 0.0
         inputs = [EnginePrompt.of(prompt) for prompt in prompts]
         sampling = [
             vllm.SamplingParams(
@@ -163,10 +160,18 @@ class VLLMGenerator:
             TokensPrompt(prompt_token_ids=list(p.token_ids)) if p.token_ids else p.text
             for p in inputs
         ]
-        try:
-            sampled = self.loop.submit(list(zip(engine_inputs, sampling, strict=True)), lora)
-        except VLLMEngineDeadError as err:
-            raise self.death_error() from err
+        # Loading and submitting together: a batch another thread submits meanwhile
+        # (merged serving: with another version merged in) cannot come between them.
+        with self._submitting:
+            if self._merger is not None:
+                lora, load_s = None, self._merge(adapter)
+            else:
+                lora = self._lora_request(adapter)
+                load_s = self._add(lora, adapter.sha256) if lora is not None and adapter else 0.0
+            try:
+                sampled = self.loop.submit(list(zip(engine_inputs, sampling, strict=True)), lora)
+            except VLLMEngineDeadError as err:
+                raise self.death_error() from err
 
         def completions(outputs: list[RequestOutput]) -> list[list[Completion]]:
             results = [

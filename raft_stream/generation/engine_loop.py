@@ -102,9 +102,10 @@ class EngineLoop:
     ) -> Future[list[RequestOutput]]:
         """Sample ``requests`` (prompt, params), with ``lora`` when given. Returns once
         they are in the engine (at its next step), raising what adding them raised (a
-        prompt longer than the context: ValueError; none of the batch is sampled); the
-        future holds one RequestOutput per request, in order (each with ``params.n``
-        completions), or the error a step raised (EngineClosedError: closed first)."""
+        prompt longer than the context: vLLM's VLLMValidationError; none of the batch is
+        sampled); the future holds one RequestOutput per request, in order (each with
+        ``params.n`` completions), or the error a step raised (EngineClosedError: closed
+        first)."""
         batch = _Batch(requests, lora)
         self._put(batch)
         batch.added.wait()

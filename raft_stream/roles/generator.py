@@ -311,7 +311,8 @@ class GeneratorRole:
         )
         letters = [*batch.dead, *unformatted]
         started = time.perf_counter()
-        pending, failed = self._sample([prompt for _, prompt in formatted])
+        prompts = [prompt for _, prompt in formatted]
+        pending, failed = self._sample(prompts)
         loaded = None
         if formatted:  # the version's first batch is one with prompts
             loaded, self._loaded_at = self._loaded_at, None
@@ -326,7 +327,6 @@ class GeneratorRole:
         for index, error in failed:
             letters.append(formatted[index][0].dead_letter(GENERATION_FAILED, error))
         records = [record for record, _ in formatted]
-        prompts = [prompt for _, prompt in formatted]
         return _Sampled(records, letters, then(pending, sampled), failed, prompts, self.adapter)
 
     def _deliver(
@@ -339,8 +339,8 @@ class GeneratorRole:
         letters) and wait for the acks; the pipeline then commits it. None: shutdown came
         during an outage, nothing delivered for sure, so nothing is committed (whoever
         consumes the batch next redoes it)."""
-        done, failed, letters = self._sampled_or_alone(sampled)
-        scored = self.sampler.rank(done.samples, done.tokens, done.generation_s, failed)
+        result, failed, letters = self._sampled_or_alone(sampled)
+        scored = self.sampler.rank(result.samples, result.tokens, result.generation_s, failed)
         letters = [*sampled.letters, *letters]
         unscored = self._unscored(scored.samples)
         letters += [

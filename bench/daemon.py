@@ -13,7 +13,10 @@
 
 Reports samples/s and tokens/s of each (the median of ``--repeats`` rounds: raw vLLM moves
 by ±20% from run to run on a shared 2-core machine), the daemon/raw ratios,
-streaming/serial wall time, and adapter swap latency (stored → first sample on it).
+streaming/serial wall time, and adapter swap latency: stored → the engine finished the
+first prompt's samples on it (the sample record's ``created_at``), and stored → those
+samples reached a consumer of the samples topic (scored, ranked and delivered with their
+batch).
 
     python bench/daemon.py                 # tiny model, 512 prompts, K=4
     python bench/daemon.py --model demo --prompts 64
@@ -232,6 +235,7 @@ def run_daemon(
             )
             time.sleep(1.0)  # attached
         first_on: dict[int, float] = {}
+        delivered: dict[int, float] = {}
         prompts = [json.loads(line) for line in prompts_file.read_bytes().splitlines()]
         rounds: list[dict[str, float]] = []
         with (  # both connected before the clock starts: the bench's costs, not the daemon's
@@ -243,7 +247,9 @@ def run_daemon(
             for n in range(repeats):  # the same prompts under new ids each round
                 batch = [{**p, "id": f"{p['id']}~{n}"} for p in prompts]
                 rounds.append(
-                    stream_round(producer, consumer, kafka.topics.prompts, batch, first_on)
+                    stream_round(
+                        producer, consumer, kafka.topics.prompts, batch, first_on, delivered
+                    )
                 )
         with JsonConsumer(
             kafka, kafka.topics.adapters, lambda v, _w: json.loads(v), group_id=None
@@ -259,6 +265,8 @@ def run_daemon(
         daemon.wait(timeout=120)
         log.close()
     swaps = [first_on[v] - created for v, created in announced.items() if v in first_on]
+    to_delivered = [delivered[v] - c for v, c in announced.items() if v in delivered]
+    loaded = swap_loads(workdir / "daemon.log")
     return {
         "rounds": rounds,
         "daemon_s": statistics.median(r["s"] for r in rounds),
@@ -268,7 +276,21 @@ def run_daemon(
         "daemon_versions": max(first_on, default=0),
         "rollbacks": rollbacks,
         "swap_latency_s": swaps,
+        "swap_to_delivered_s": to_delivered,
+        "swap_to_loaded_s": [loaded[v] for v in announced if v in loaded and v in first_on],
     }
+
+
+def swap_loads(log_path: Path) -> dict[int, float]:
+    """Adapter version -> seconds from stored to loaded, from the daemon's log lines
+    "serving an adapter version" (``since_stored_s``)."""
+    loads: dict[int, float] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"serving an adapter version"' not in line:
+            continue
+        entry = json.loads(line)
+        loads.setdefault(entry["adapter_version"], entry["since_stored_s"])
+    return loads
 
 
 def stream_round(
@@ -277,10 +299,12 @@ def stream_round(
     topic: str,
     prompts: list[dict[str, Any]],
     first_on: dict[int, float],
+    delivered: dict[int, float],
 ) -> dict[str, float]:
     """Send ``prompts`` and wait for every one's samples: seconds from the first sent to
-    the last received, tokens, samples, and seconds to the first sample; ``first_on``
-    gets when each adapter version first made a sample."""
+    the last received, tokens, samples, and seconds to the first sample generated;
+    ``first_on`` gets when the engine first finished a sample on each adapter version,
+    ``delivered`` when one first reached this consumer."""
     wanted = {p["id"] for p in prompts}
     seen: set[str] = set()
     tokens = samples = 0
@@ -294,11 +318,14 @@ def stream_round(
             sample = record.value
             if sample["prompt_id"] not in wanted:
                 continue  # a late duplicate of an earlier round (at least once)
-            first_sample = first_sample or sample["created_at"]
+            created = sample["created_at"]  # when the engine finished it
+            first_sample = min(first_sample or created, created)
             seen.add(sample["prompt_id"])
             tokens += sample["response_tokens"]
             samples += 1
-            first_on.setdefault(sample["adapter_version"], sample["created_at"])
+            version = sample["adapter_version"]
+            first_on[version] = min(first_on.get(version, created), created)
+            delivered.setdefault(version, time.time())
     return {
         "s": time.time() - started,
         "tokens": tokens,
@@ -394,7 +421,8 @@ def main() -> None:
     title = f"daemon vs plain alternatives ({args.model}, {args.prompts} prompts, K=4)"
     table = Table(title=title, caption=CAPTION)
     columns = ("run", "wall s", "samples/s", "tokens/s", "x raw", "x raw (its cores)")
-    for column in (*columns, "versions", "swap p50 s"):
+    swap_columns = ("stored->loaded p50 s", "swap p50 s", "to delivered p50 s")
+    for column in (*columns, "versions", *swap_columns):
         table.add_column(column, justify="right")
     table.add_row(
         "raw vLLM",
@@ -403,6 +431,8 @@ def main() -> None:
         f"{raw_tps:.0f}",
         "1.00",
         "",
+        "-",
+        "-",
         "-",
         "-",
     )
@@ -417,6 +447,8 @@ def main() -> None:
         "",
         "-",
         "-",
+        "-",
+        "-",
     )
     if split_tps is not None:
         cores = ",".join(map(str, plain["raw_generation_cores"]))
@@ -429,9 +461,15 @@ def main() -> None:
             "1.00",
             "-",
             "-",
+            "-",
+            "-",
         )
     table.add_row(
-        "serial RAFT", f"{plain['serial_s']:.1f}", "", "", "", "", str(plain["serial_versions"]), ""
+        "serial RAFT",
+        f"{plain['serial_s']:.1f}",
+        *([""] * 4),
+        str(plain["serial_versions"]),
+        *([""] * 3),
     )
     for label, run in runs.items():
         tps = run["daemon_tokens_per_s"]
@@ -439,6 +477,10 @@ def main() -> None:
         run["daemon_over_raw_on_its_cores"] = tps / split_tps if split_tps else None
         swaps = run["swap_latency_s"]
         run["swap_latency_median_s"] = statistics.median(swaps) if swaps else None
+        delivered = run["swap_to_delivered_s"]
+        run["swap_to_delivered_median_s"] = statistics.median(delivered) if delivered else None
+        loads = run["swap_to_loaded_s"]
+        run["swap_to_loaded_median_s"] = statistics.median(loads) if loads else None
         table.add_row(
             f"daemon: {label}",
             f"{run['daemon_s']:.1f}",
@@ -447,7 +489,9 @@ def main() -> None:
             f"{tps / raw_tps:.2f}",
             f"{tps / split_tps:.2f}" if split_tps else "",
             f"{run['daemon_versions']} ({run['rollbacks']} rollbacks)",
+            f"{run['swap_to_loaded_median_s']:.2f}" if loads else "-",
             f"{run['swap_latency_median_s']:.2f}" if swaps else "-",
+            f"{run['swap_to_delivered_median_s']:.2f}" if delivered else "-",
         )
     console.print(table)
     if "pipelined, training" in runs:

@@ -99,11 +99,12 @@ is 4) and a few wider ones for a raised or disabled bound."""
 
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 SWAP_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
-SWAP_PHASES = ("detect", "fetch", "verify", "load", "first_batch")
+SWAP_PHASES = ("detect", "fetch", "verify", "load", "first_sample")
 """The parts of an adapter swap in a generator (``adapter_swap_phase_seconds{phase}``):
 the broker got the message that changed the target -> the engine stage folded it; locating
 the version's folder; its manifest and checksum; loading it into the engine (a one-token
-probe); loaded -> the first batch sampled on it."""
+probe); loaded -> the engine finished the first prompt's samples on it (a prompt's K
+responses end together in vLLM: its request finishes with the last of them)."""
 SWAP_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -308,8 +309,8 @@ class RaftMetrics:
         self.adapter_swap_phase_seconds = Histogram(
             "adapter_swap_phase_seconds",
             "The parts of an adapter swap in a generator: detect (broker -> folded), fetch, "
-            "verify (manifest and checksum), load (into the engine), first_batch (loaded -> "
-            "the first batch sampled on it).",
+            "verify (manifest and checksum), load (into the engine), first_sample (loaded -> "
+            "the engine finished the first prompt's samples on it).",
             ["phase"],
             buckets=SWAP_PHASE_BUCKETS,
             **kw,
@@ -475,8 +476,12 @@ class RaftMetrics:
             for old in [v for v in self._stored_at if v < version]:
                 del self._stored_at[old]
 
-    def observe_rewards(self, rewards: Iterable[float], adapter_version: int) -> None:
-        """Record the rewards of samples generated on ``adapter_version``.
+    def observe_rewards(
+        self, rewards: Iterable[float], adapter_version: int, generated_at: float | None = None
+    ) -> None:
+        """Record the rewards of samples generated on ``adapter_version``, the first of them
+        at ``generated_at`` (Unix time, default now): the first ones on a version stored
+        here observe ``adapter_swap_seconds``.
 
         The served version's rewards go to ``adapter="current"``, older ones to
         ``"previous"``; a version newer than any seen becomes current (the old current
@@ -489,7 +494,8 @@ class RaftMetrics:
                 self._roll_to(adapter_version)
             stored_at = self._stored_at.pop(adapter_version, None)
             if stored_at is not None:
-                self.adapter_swap_seconds.observe(max(0.0, time.time() - stored_at))
+                first = time.time() if generated_at is None else generated_at
+                self.adapter_swap_seconds.observe(max(0.0, first - stored_at))
             slot = "current" if adapter_version == self._slots["current"].version else "previous"
             stats = self._slots[slot]
             if adapter_version == stats.version:

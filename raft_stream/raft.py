@@ -68,6 +68,7 @@ def samples_of(
             prompt_token_ids=completion.prompt_token_ids,
             response_token_ids=completion.token_ids,
             response_logprobs=completion.logprobs,
+            generated_at=completion.generated_at,
         )
         for completion in completions
     ]

@@ -47,6 +47,11 @@ class Completion:
     token_ids: tuple[int, ...] = ()
     prompt_token_ids: tuple[int, ...] = ()
     logprobs: tuple[float, ...] | None = None
+    generated_at: float | None = field(default=None, compare=False)
+    """Wall-clock time (``time.time()``, seconds) when the engine finished this response
+    (vLLM: the step that finished its request; a backend that answers a whole batch at
+    once: when it answered); None when not known. Not part of equality: the same
+    response sampled again is equal."""
 
 
 @dataclass
@@ -73,6 +78,9 @@ class Sample:
     response_logprobs: tuple[float, ...] | None = None
     """Log-probability of each sampled token under the policy that sampled it (one per
     ``response_token_ids``; natural log, before temperature); None when not known."""
+    generated_at: float | None = field(default=None, compare=False)
+    """When the engine finished the response (``Completion.generated_at``); the samples
+    topic's ``created_at``. None when not known."""
 
     @property
     def scored(self) -> bool:

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import vllm
 from vllm.exceptions import VLLMValidationError
+from vllm.lora.request import LoRARequest
 
 from raft_stream.generation.base import SamplingParams
 from raft_stream.generation.engine_loop import EngineClosedError
 from raft_stream.generation.vllm_backend import VLLMGenerator
+from raft_stream.types import AdapterVersion
 
 pytestmark = pytest.mark.vllm
 
@@ -30,15 +32,22 @@ def test_a_short_batch_submitted_after_a_long_one_finishes_first(
     vllm_generator: VLLMGenerator,
 ) -> None:
     loop = vllm_generator.loop
+    submitted = time.time()
     long = loop.submit([(p, _long()) for p in PROMPTS])
     short = loop.submit([(p, vllm.SamplingParams(max_tokens=1, seed=0)) for p in PROMPTS])
 
     # One batch at a time (LLM.generate) would finish the long one first.
-    assert len(short.result(timeout=60)) == len(PROMPTS)
+    shorts = short.result(timeout=60)
+    short_received = time.time()
+    assert len(shorts) == len(PROMPTS)
     assert not long.done()
-    outputs = long.result(timeout=120)
-    assert [len(o.outputs) for o in outputs] == [4, 4, 4]
-    assert {len(c.token_ids) for o in outputs for c in o.outputs} == {200}
+    longs = long.result(timeout=120)
+    assert [len(f.output.outputs) for f in longs] == [4, 4, 4]
+    assert {len(c.token_ids) for f in longs for c in f.output.outputs} == {200}
+    # Each request carries when its step finished it: the short ones, before the long
+    # batch had sampled 200 tokens.
+    assert submitted <= min(f.at for f in shorts) <= max(f.at for f in shorts) <= short_received
+    assert max(f.at for f in shorts) < min(f.at for f in longs)
 
 
 def test_engine_work_runs_between_steps_in_the_order_it_was_sent(
@@ -55,6 +64,28 @@ def test_engine_work_runs_between_steps_in_the_order_it_was_sent(
     after.result(timeout=120)
     assert long.done()
     assert order == ["between steps", "after the batch"]
+
+
+def test_a_new_version_samples_beside_two_versions_whose_batches_are_in_flight(
+    vllm_generator: VLLMGenerator, tiny_lora_adapters: list[AdapterVersion]
+) -> None:
+    probe = SamplingParams(n=1, max_new_tokens=1, seed=0)
+    for adapter in tiny_lora_adapters:  # loaded, as the generator role loads a version
+        vllm_generator.generate(PROMPTS[:1], probe, adapter)
+    v1, v2, v3 = tiny_lora_adapters
+    loop = vllm_generator.loop
+    in_flight = [
+        loop.submit([(p, _long()) for p in PROMPTS], LoRARequest(a.name, a.version, str(a.path)))
+        for a in (v1, v2)
+    ]
+
+    # With two adapter slots, vLLM would hold v3's request back until v1's or v2's batch
+    # had sampled all its 200 tokens: a swap would wait for a whole batch.
+    [[first]] = vllm_generator.submit(PROMPTS[:1], probe, v3).result(timeout=60)
+    assert first.num_tokens == 1
+    assert not any(batch.done() for batch in in_flight)
+    for batch in in_flight:
+        batch.result(timeout=120)
 
 
 def test_a_call_that_raises_fails_its_future_and_the_loop_goes_on(

@@ -225,7 +225,7 @@ def test_operator_rollback_pin_unpin_and_promote_reach_every_replica(
                 labels = {"action": action, "trigger": "operator"}
                 assert replica.metric("raft_stream_adapter_actions_total", **labels) == 1
             # Every swap timed in its parts (v2, v1, v2, v1, v3 after the first).
-            for phase in ("detect", "fetch", "verify", "load", "first_batch"):
+            for phase in ("detect", "fetch", "verify", "load", "first_sample"):
                 count = replica.metric("raft_stream_adapter_swap_phase_seconds_count", phase=phase)
                 assert count >= 4, phase
         listing = adapters_cli(config, "list")

@@ -3,6 +3,7 @@ swapped per request without restarting it."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import psutil
@@ -33,6 +34,24 @@ def test_returns_n_completions_per_prompt_within_max_new_tokens(
     assert all(1 <= count <= 6 for count in counts)
     assert vllm_generator.last_stats is not None
     assert vllm_generator.last_stats.tokens == sum(counts)
+
+
+def test_each_prompts_completions_carry_when_the_engine_finished_them(
+    vllm_generator: VLLMGenerator,
+) -> None:
+    params = SamplingParams(n=2, max_new_tokens=40, seed=0)
+    started = time.time()
+    results = vllm_generator.generate(PROMPTS, params)
+    returned = time.time()
+
+    for per_prompt in results:
+        # A prompt's n completions are one request in vLLM: it finishes with the last one.
+        [at] = {c.generated_at for c in per_prompt}
+        assert at is not None and started < at <= returned
+    longest = max(results, key=lambda p: max(c.num_tokens for c in p))
+    shortest = min(results, key=lambda p: max(c.num_tokens for c in p))
+    if max(c.num_tokens for c in longest) > max(c.num_tokens for c in shortest):
+        assert shortest[0].generated_at < longest[0].generated_at  # type: ignore[operator]
 
 
 def test_stops_at_eos_with_eos_counted(vllm_generator: VLLMGenerator) -> None:

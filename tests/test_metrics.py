@@ -132,6 +132,14 @@ def test_swap_latency_is_observed_on_the_first_sample_of_a_stored_version(
     assert _value(metrics, "raft_stream_adapter_version_stored") == 3
 
 
+def test_swap_latency_ends_when_the_first_sample_was_generated_not_when_it_was_scored(
+    metrics: RaftMetrics,
+) -> None:
+    metrics.set_stored_version(4, stored_at=1000.0)
+    metrics.observe_rewards([0.5, 0.25], adapter_version=4, generated_at=1000.2)
+    assert _value(metrics, "raft_stream_adapter_swap_seconds_sum") == pytest.approx(0.2)
+
+
 def test_unknown_reasons_count_as_other(metrics: RaftMetrics) -> None:
     metrics.count_rejected("something new")
     metrics.count_dead_letter("weird")

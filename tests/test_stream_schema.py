@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,6 +128,15 @@ def test_sample_round_trips_and_a_non_finite_reward_becomes_null() -> None:
 
     rejected = Sample("p1", "Hi", "Hi", "", 0, 2, reward=math.nan, reject_reason="too_short")
     assert decode_sample(dumps(encode_sample(rejected))).reward is None
+
+
+def test_a_sample_record_is_created_when_the_engine_generated_it_or_else_when_encoded() -> None:
+    generated = Sample("p1", "Hi", "Hi", "Hello", 1, 2, reward=0.5, generated_at=1700000000.25)
+    assert encode_sample(generated)["created_at"] == 1700000000.25
+
+    before = time.time()
+    unknown = encode_sample(Sample("p1", "Hi", "Hi", "Hello", 1, 2, reward=0.5))
+    assert before <= unknown["created_at"] <= time.time()
 
 
 @pytest.mark.parametrize(

@@ -350,7 +350,8 @@ def build() -> dict[str, Any]:
             "Adapter swap parts",
             "The median of each part of a swap in the generators: detect (the broker got the "
             "message -> folded), fetch, verify (manifest and checksum), load (into the "
-            "engine), first_batch (loaded -> the first batch sampled on it).",
+            "engine), first_sample (loaded -> the engine finished the first prompt's "
+            "samples on it).",
             "s",
             *quantiles("raft_stream_adapter_swap_phase_seconds", ", phase", "{{phase}}", (0.5,)),
         )

@@ -65,8 +65,10 @@ class EnginePrompt:
 
 
 MAX_LORAS = 2
-"""Adapter versions a backend keeps loaded: the new one plus the previous one while requests
-on it finish. Older versions are evicted least recently used first."""
+"""Adapter versions the transformers backend keeps loaded: the new one plus the previous
+one while requests on it finish. Older versions are evicted least recently used first.
+vLLM, whose batches in flight may each be on another version, has its own
+(``vllm_backend.ENGINE_LORAS``)."""
 
 
 class GenerationError(RaftStreamError):

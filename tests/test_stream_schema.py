@@ -132,7 +132,10 @@ def test_sample_round_trips_and_a_non_finite_reward_becomes_null() -> None:
 
 def test_a_sample_record_is_created_when_the_engine_generated_it_or_else_when_encoded() -> None:
     generated = Sample("p1", "Hi", "Hi", "Hello", 1, 2, reward=0.5, generated_at=1700000000.25)
-    assert encode_sample(generated)["created_at"] == 1700000000.25
+    message = encode_sample(generated)
+    assert message["created_at"] == 1700000000.25
+    # Read back (the trainer's buffer file, a dead letter), it keeps the engine's time.
+    assert decode_sample(dumps(message)).generated_at == 1700000000.25
 
     before = time.time()
     unknown = encode_sample(Sample("p1", "Hi", "Hi", "Hello", 1, 2, reward=0.5))

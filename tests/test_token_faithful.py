@@ -76,6 +76,20 @@ def test_the_engine_samples_from_the_formatter_ids_and_returns_them(
 
 
 @pytest.mark.vllm
+def test_each_sample_keeps_when_the_engine_generated_it_through_the_record_codec(
+    sampled: list[Sample],
+) -> None:
+    for sample in sampled:
+        assert sample.generated_at is not None
+        assert through_the_wire(sample).generated_at == sample.generated_at
+    # A prompt's K samples are one vLLM request: they finish together.
+    by_prompt: dict[str, set[float | None]] = {}
+    for sample in sampled:
+        by_prompt.setdefault(sample.prompt_id, set()).add(sample.generated_at)
+    assert all(len(stamps) == 1 for stamps in by_prompt.values())
+
+
+@pytest.mark.vllm
 def test_the_trainer_trains_on_the_sampled_ids_after_the_record_codec(
     tiny_model_dir: Path, sampled: list[Sample]
 ) -> None:

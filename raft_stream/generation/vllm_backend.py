@@ -60,13 +60,14 @@ log = logging.getLogger(__name__)
 
 
 ENGINE_LORAS = 4
-"""Adapter versions vLLM samples with in one step (its ``max_loras``). The batches in
-flight (``generation.max_prompts_in_flight``; two by default) may each be on another
-version, and a new version's probe and first batch join them: vLLM's scheduler holds back
-a request whose adapter would exceed ``max_loras`` until a version's requests all finish,
-so with too few slots a swap waits for a whole batch (stop 20: loaded -> first sample
-0.44 s with 2 slots on the tiny model; docs/benchmarks.md). A slot costs
-``max_lora_rank`` x (in + out features) per targeted module."""
+"""Adapter versions vLLM samples with in one step (its ``max_loras``; LoRA serving). The
+batches in flight (``generation.max_prompts_in_flight`` over ``kafka.poll_max_records``:
+32 / 16 = two by default) may each be on another version, and a new version's probe and
+first batch join them: vLLM's scheduler holds back a request whose adapter would exceed
+``max_loras`` until a version's requests all finish, so with too few slots a swap waits
+for a whole batch (tests/test_engine_loop.py; docs/benchmarks.md, "Swap latency"). A slot
+costs ``max_lora_rank`` x (in + out features) per targeted module in the engine, and
+twice as many versions are kept in host memory (``max_cpu_loras``)."""
 
 
 class VLLMGenerator:

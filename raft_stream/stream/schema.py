@@ -439,6 +439,7 @@ def decode_sample(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Sample:
     reward = _field(obj, "reward", "number", required=False)
     prompt_ids = _token_ids(obj, "prompt_token_ids")
     response_ids = _token_ids(obj, "response_token_ids")
+    created_at = _field(obj, "created_at", "number", required=False)
     if bool(prompt_ids) != bool(response_ids):
         raise MessageError(
             "bad_field_type",
@@ -458,6 +459,7 @@ def decode_sample(value: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Sample:
         prompt_token_ids=prompt_ids,
         response_token_ids=response_ids,
         response_logprobs=_logprobs(obj, response_ids) if response_ids else None,
+        generated_at=None if created_at is None else float(created_at),
     )
 
 

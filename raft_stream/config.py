@@ -153,12 +153,15 @@ class GenerationConfig(_Section):
     batch_size: int = Field(8, ge=1)
     """transformers backend: prompts per generate() call."""
 
-    adapter_serving: Literal["lora", "merged"] = "lora"
+    adapter_serving: Literal["auto", "lora", "merged"] = "auto"
     """vllm backend: how an adapter version is served. ``lora``: vLLM's LoRA path, several
     versions side by side (on the CPU at about a quarter of the base model's tokens/s).
     ``merged``: the version merged into the engine's weights, reloaded in place on a
-    switch (no restart), at the base model's speed, one version at a time
-    (``generation.merged_weights``); for the CPU."""
+    switch (no restart) once the batches in flight finished, at the base model's speed,
+    one version at a time (``generation.merged_weights``; plain LoRA adapters only: no
+    DoRA, rank or alpha patterns, or trained biases). ``auto``: ``merged`` on the CPU
+    (stop 20's daemon: 1.6x the samples/s of ``lora`` and half its swap time,
+    docs/benchmarks.md), ``lora`` on a GPU."""
 
     max_prompts_in_flight: int = Field(32, ge=1)
     """Generator: prompts polled and not yet delivered, at most. Every batch (up to

@@ -77,7 +77,8 @@ class _SharedEngine:
         return VLLMGenerator(
             str(self.model_dir),
             ModelConfig(max_model_len=256),  # the tiny model's context
-            GenerationConfig(enforce_eager=True, max_lora_rank=8),  # eager: starts faster
+            # The LoRA path: these tests serve versions side by side.
+            GenerationConfig(enforce_eager=True, max_lora_rank=8, adapter_serving="lora"),
         )
 
     def alive(self) -> VLLMGenerator:

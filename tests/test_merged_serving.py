@@ -5,6 +5,8 @@ after switching back and forth. The merge itself equals peft's ``merge_and_unloa
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
 from raft_stream.generation.base import SamplingParams, serving_mode
-from raft_stream.generation.merged_weights import BaseWeights, merged_weights
+from raft_stream.generation.merged_weights import BaseWeights, merge_base, merged_weights
 from raft_stream.types import AdapterVersion, Completion
 
 PROMPTS = ["the movie was", "honestly, the soundtrack was", "i thought the plot was"]
@@ -28,6 +30,42 @@ def test_auto_serves_merged_on_the_cpu_and_through_vllms_lora_path_on_a_gpu() ->
     assert serving_mode("auto", on_cpu=False) == "lora"
     for chosen in ("lora", "merged"):  # a choice is kept on either
         assert {serving_mode(chosen, on_cpu) for on_cpu in (True, False)} == {chosen}
+
+
+def test_auto_merges_into_a_plain_model_on_the_cpu_and_falls_back_to_lora_otherwise(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    assert isinstance(merge_base(str(tiny_model_dir), "auto", on_cpu=True), BaseWeights)
+    assert merge_base(str(tiny_model_dir), "auto", on_cpu=False) is None
+    quantized = tmp_path / "quantized"  # the tiny model, as if quantized
+    quantized.mkdir()
+    for file in tiny_model_dir.glob("*.safetensors"):
+        (quantized / file.name).symlink_to(file)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    quantization = {"quantization_config": {"quant_method": "compressed-tensors"}}
+    (quantized / "config.json").write_text(json.dumps(config | quantization))
+    no_safetensors = tmp_path / "bin-only"
+    no_safetensors.mkdir()
+    (no_safetensors / "config.json").write_text(json.dumps(config))
+
+    for model, why in ((quantized, "is quantized"), (no_safetensors, "no safetensors")):
+        assert merge_base(str(model), "auto", on_cpu=True) is None  # the LoRA path serves
+        with pytest.raises(AdapterError, match=rf"{why}.*adapter_serving: lora"):
+            merge_base(str(model), "merged", on_cpu=True)
+
+
+def test_an_adapter_with_weights_beside_lora_a_and_b_is_refused(
+    tiny_model_dir: Path, tiny_lora_adapters: list[AdapterVersion], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "modules-to-save"
+    shutil.copytree(tiny_lora_adapters[0].path, folder)
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    extra = "base_model.model.lm_head.modules_to_save.default.weight"
+    save_file(weights | {extra: torch.zeros(4, 4)}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"LoRA's A and B only.*adapter_serving: lora"):
+        merged_weights(BaseWeights(tiny_model_dir), folder)
 
 
 def test_the_merge_equals_peft_merge_and_unload(
@@ -48,9 +86,6 @@ def test_the_merge_equals_peft_merge_and_unload(
 def test_an_adapter_it_cannot_merge_faithfully_is_refused(
     tiny_model_dir: Path, tiny_lora_adapters: list[AdapterVersion], tmp_path: Path
 ) -> None:
-    import json
-    import shutil
-
     folder = tmp_path / "dora"
     shutil.copytree(tiny_lora_adapters[0].path, folder)
     config = json.loads((folder / "adapter_config.json").read_text())

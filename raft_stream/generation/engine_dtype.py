@@ -212,7 +212,8 @@ def _trial(model_path: str, dtype: EngineDtype, max_model_len: int) -> int:
     generator = VLLMGenerator(
         model_path,
         ModelConfig(max_model_len=max_model_len),
-        GenerationConfig(enforce_eager=True, max_lora_rank=8, dtype=dtype),
+        # The LoRA path: its kernels run beside the base model's (merged runs only those).
+        GenerationConfig(enforce_eager=True, max_lora_rank=8, dtype=dtype, adapter_serving="lora"),
     )
     try:
         prompts = ["the movie was", "i think", "this film", "the acting"]

@@ -12,13 +12,16 @@ base model reloads the base weights of the same modules.
 
 The trade-off: every request of the engine uses the merged version, so two versions are
 never served side by side (the generator switches between batches anyway), and adapters
-with DoRA, per-module rank or alpha patterns, or trained biases are refused (AdapterError)
-rather than merged wrongly.
+with DoRA, per-module rank or alpha patterns, trained biases or weights other than LoRA's
+A and B (embedding adapters, ``modules_to_save``) are refused (AdapterError) rather than
+merged wrongly, as is a base model that is quantized or has no safetensors weights. The
+targeted base weights are kept in this process's memory (to go back to them).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Iterable
@@ -29,8 +32,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from raft_stream.errors import AdapterError
+from raft_stream.generation.base import serving_mode
 
-__all__ = ["BaseWeights", "MergedWeightsWorker", "merged_weights", "write_weights"]
+__all__ = ["BaseWeights", "MergedWeightsWorker", "merge_base", "merged_weights", "write_weights"]
+
+_MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+log = logging.getLogger(__name__)
+
+_FIX = "use generation.adapter_serving: lora"
+_BASE_FILES = ["*.json", "*.safetensors"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -56,7 +66,13 @@ class BaseWeights:
         if not self._files:
             raise AdapterError(
                 f"no safetensors weights in {model_dir}: merged adapter serving reads the "
-                "base weights from there (use generation.adapter_serving: lora)"
+                f"base weights from there ({_FIX})"
+            )
+        config = Path(model_dir) / "config.json"
+        if config.is_file() and "quantization_config" in json.loads(config.read_text()):
+            raise AdapterError(
+                f"the model in {model_dir} is quantized: merging an adapter into its weights "
+                f"would ignore their scales ({_FIX})"
             )
         self._where: dict[str, Path] = {}
         for file in self._files:
@@ -70,11 +86,53 @@ class BaseWeights:
             if file is None:
                 raise AdapterError(f"the base model has no weight {name!r} for the adapter")
             with safe_open(str(file), framework="pt") as handle:
-                self._cache[name] = handle.get_tensor(name)
+                weight = handle.get_tensor(name)
+            if weight.dtype not in _MERGEABLE_DTYPES:
+                raise AdapterError(
+                    f"the base weight {name!r} is {weight.dtype}: not merged into ({_FIX})"
+                )
+            self._cache[name] = weight
         return self._cache[name]
+
+    @classmethod
+    def of_model(cls, model_path: str) -> BaseWeights:
+        """The base weights of ``model_path``: a folder, or a hub name (its config and
+        safetensors files, from the Hugging Face cache or fetched as vLLM would fetch
+        them). Raises AdapterError when they cannot be merged into, naming the fix."""
+        folder = Path(model_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            try:
+                folder = Path(snapshot_download(model_path, allow_patterns=_BASE_FILES))
+            except Exception as err:  # offline, unknown repo, not a hub name at all
+                raise AdapterError(
+                    f"cannot read the weights of {model_path!r} to merge adapters into: "
+                    f"{err} ({_FIX})"
+                ) from err
+        return cls(folder)
 
     def of(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return {name: self.get(name) for name in names}
+
+
+def merge_base(model_path: str, requested: str, on_cpu: bool) -> BaseWeights | None:
+    """The base weights to merge adapters into when serving merged (``requested``
+    ``generation.adapter_serving``: ``merged``, or ``auto`` on the CPU), else None (vLLM's
+    LoRA path). ``auto`` falls back to the LoRA path, with a warning, for a model it
+    cannot merge into; ``merged`` raises AdapterError for it (before the engine starts)."""
+    if serving_mode(requested, on_cpu) != "merged":
+        return None
+    try:
+        return BaseWeights.of_model(model_path)
+    except AdapterError as err:
+        if requested == "merged":
+            raise
+        log.warning(
+            "serving adapters through vLLM's LoRA path: they cannot be merged into this model",
+            extra={"model": model_path, "reason": str(err)},
+        )
+        return None
 
 
 def _scale(config: dict[str, object]) -> float:
@@ -85,6 +143,8 @@ def _scale(config: dict[str, object]) -> float:
             ("rank_pattern", {}),
             ("alpha_pattern", {}),
             ("bias", "none"),
+            ("lora_bias", False),
+            ("modules_to_save", []),
             ("fan_in_fan_out", False),
         )
         if config.get(key, plain) not in (plain, None)
@@ -110,6 +170,11 @@ def merged_weights(base: BaseWeights, adapter_dir: Path) -> dict[str, torch.Tens
         raise AdapterError(f"cannot read the adapter in {adapter_dir}: {err}") from None
     scale = _scale(config)
     merged: dict[str, torch.Tensor] = {}
+    others = sorted(k for k in lora if ".lora_A." not in k and ".lora_B." not in k)
+    if others:
+        raise AdapterError(
+            f"{adapter_dir}: merged serving merges LoRA's A and B only, not {others[:3]} ({_FIX})"
+        )
     for key, a in lora.items():
         if ".lora_A." not in key:
             continue

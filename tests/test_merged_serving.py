@@ -6,12 +6,15 @@ after switching back and forth. The merge itself equals peft's ``merge_and_unloa
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from raft_stream.config import GenerationConfig, ModelConfig
 from raft_stream.errors import AdapterError
@@ -66,6 +69,155 @@ def test_an_adapter_with_weights_beside_lora_a_and_b_is_refused(
     save_file(weights | {extra: torch.zeros(4, 4)}, str(folder / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match=r"LoRA's A and B only.*adapter_serving: lora"):
         merged_weights(BaseWeights(tiny_model_dir), folder)
+
+
+def _adapter_copy(source: Path, folder: Path, config: object = None, **weights: object) -> Path:
+    """``source``'s adapter in ``folder``, its config replaced (when given) and weights
+    changed: a key -> a tensor, or None to drop the key."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    if config is not None:
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    if weights:
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        for key, value in weights.items():
+            tensors.pop(key, None)
+            if value is not None:
+                tensors[key] = value  # type: ignore[assignment]
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+_Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"r": 0}, "r must be an integer >= 1"),
+        ({"r": -8}, "r must be an integer >= 1"),
+        ({"r": "eight"}, "r must be an integer >= 1"),
+        ({"r": None}, "r must be an integer >= 1"),
+        ({"lora_alpha": None}, "lora_alpha must be a number"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights=pissa"),
+        ({"init_lora_weights": "olora"}, "init_lora_weights=olora"),
+        ({"peft_type": "LOHA"}, "peft_type"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication"),
+        ({"use_qalora": True}, "use_qalora"),
+    ],
+)
+def test_an_adapter_config_it_cannot_merge_faithfully_is_refused_naming_why(
+    tiny_model_dir: Path,
+    tiny_lora_adapters: list[AdapterVersion],
+    tmp_path: Path,
+    change: dict[str, object],
+    why: str,
+) -> None:
+    source = tiny_lora_adapters[0].path
+    config = json.loads((source / "adapter_config.json").read_text()) | change
+    folder = _adapter_copy(source, tmp_path / "adapter", config)
+    with pytest.raises(AdapterError, match=re.escape(why)):
+        merged_weights(BaseWeights(tiny_model_dir), folder)
+
+
+@pytest.mark.parametrize(
+    ("weights", "why"),
+    [
+        ({f"{_Q0}.lora_B.weight": torch.ones(1, 8)}, "does not make the base weight's shape"),
+        ({f"{_Q0}.lora_A.weight": torch.ones(8)}, "does not make the base weight's shape"),
+        ({f"{_Q0}.lora_A.weight": None}, "without their A or B"),
+        ({f"{_Q0}.lora_A.default.weight": torch.ones(8, 64)}, "LoRA's A and B only"),
+    ],
+)
+def test_adapter_weights_that_do_not_fit_the_base_are_refused_not_broadcast(
+    tiny_model_dir: Path,
+    tiny_lora_adapters: list[AdapterVersion],
+    tmp_path: Path,
+    weights: dict[str, object],
+    why: str,
+) -> None:
+    folder = _adapter_copy(tiny_lora_adapters[0].path, tmp_path / "adapter", **weights)
+    with pytest.raises(AdapterError, match=re.escape(why)):
+        merged_weights(BaseWeights(tiny_model_dir), folder)
+
+
+def test_a_corrupt_adapter_file_is_refused(
+    tiny_model_dir: Path, tiny_lora_adapters: list[AdapterVersion], tmp_path: Path
+) -> None:
+    folder = _adapter_copy(tiny_lora_adapters[0].path, tmp_path / "adapter")
+    (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(AdapterError, match="cannot read the adapter"):
+        merged_weights(BaseWeights(tiny_model_dir), folder)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=6,
+)
+_KEYS = st.sampled_from(
+    [
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "use_dora",
+        "bias",
+        "peft_type",
+        "init_lora_weights",
+        "modules_to_save",
+        "rank_pattern",
+        "fan_in_fan_out",
+        "layer_replication",
+    ]
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(changes=st.dictionaries(_KEYS, _JSON, max_size=4))
+def test_any_adapter_config_merges_or_is_refused_with_adapter_error(
+    tiny_model_dir: Path,
+    tiny_lora_adapters: list[AdapterVersion],
+    tmp_path: Path,
+    changes: dict[str, object],
+) -> None:
+    source = tiny_lora_adapters[0].path
+    config = json.loads((source / "adapter_config.json").read_text()) | changes
+    folder = _adapter_copy(source, tmp_path / "adapter", config)
+    try:
+        merged = merged_weights(BaseWeights(tiny_model_dir), folder)
+    except AdapterError:
+        return
+    assert len(merged) == 8
+    assert all(torch.isfinite(w).all() for w in merged.values())
+
+
+def test_a_model_with_an_int8_matrix_or_a_quantization_file_is_not_merged_into(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    int8 = tmp_path / "int8"
+    shutil.copytree(tiny_model_dir, int8)
+    weights = load_file(str(int8 / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights[name] = weights[name].to(torch.int8)
+    save_file(weights, str(int8 / "model.safetensors"))
+    gptq = tmp_path / "gptq"
+    shutil.copytree(tiny_model_dir, gptq)
+    (gptq / "quantize_config.json").write_text(json.dumps({"bits": 4}))
+    plain = tmp_path / "null-quantization"
+    shutil.copytree(tiny_model_dir, plain)
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps(config | {"quantization_config": None}))
+
+    for model, why in ((int8, f"{name} is I8"), (gptq, "quantize_config.json")):
+        with pytest.raises(AdapterError, match=re.escape(why)):
+            BaseWeights(model)
+        assert merge_base(str(model), "auto", on_cpu=True) is None
+    assert isinstance(merge_base(str(plain), "auto", on_cpu=True), BaseWeights)
 
 
 def test_the_merge_equals_peft_merge_and_unload(

@@ -341,7 +341,10 @@ class _Merger:
         started = time.perf_counter()
         weights = {} if adapter is None else merged_weights(self.base, adapter.path)
         weights |= self.base.of(self.names - set(weights))  # what the last one changed
-        path = write_weights(weights, self.folder)
+        try:
+            path = write_weights(weights, self.folder)
+        except OSError as exc:  # a full disk: this version cannot serve now
+            raise AdapterError(f"cannot write the merged weights of {adapter}: {exc}") from exc
         try:
             # Once the requests sampling on the old weights are done; the prefix cache
             # holds keys and values the old weights computed (merged serving has no LoRA

@@ -481,12 +481,11 @@ def main() -> None:
         tps = run["daemon_tokens_per_s"]
         run["daemon_over_raw"] = tps / raw_tps
         run["daemon_over_raw_on_its_cores"] = tps / split_tps if split_tps else None
-        swaps = run["swap_latency_s"]
-        run["swap_latency_median_s"] = statistics.median(swaps) if swaps else None
-        delivered = run["swap_to_delivered_s"]
-        run["swap_to_delivered_median_s"] = statistics.median(delivered) if delivered else None
-        loads = run["swap_to_loaded_s"]
-        run["swap_to_loaded_median_s"] = statistics.median(loads) if loads else None
+        medians = []  # stored -> loaded, -> generated, -> delivered
+        for part in ("swap_to_loaded", "swap_latency", "swap_to_delivered"):
+            seconds = run[f"{part}_s"]
+            run[f"{part}_median_s"] = statistics.median(seconds) if seconds else None
+            medians.append(f"{run[f'{part}_median_s']:.2f}" if seconds else "-")
         table.add_row(
             f"daemon: {label}",
             f"{run['daemon_s']:.1f}",
@@ -495,9 +494,7 @@ def main() -> None:
             f"{tps / raw_tps:.2f}",
             f"{tps / split_tps:.2f}" if split_tps else "",
             f"{run['daemon_versions']} ({run['rollbacks']} rollbacks)",
-            f"{run['swap_to_loaded_median_s']:.2f}" if loads else "-",
-            f"{run['swap_latency_median_s']:.2f}" if swaps else "-",
-            f"{run['swap_to_delivered_median_s']:.2f}" if delivered else "-",
+            *medians,
         )
     console.print(table)
     if "pipelined, merged, training" in runs:  # the default on the CPU

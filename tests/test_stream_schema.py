@@ -121,8 +121,9 @@ def test_sample_round_trips_and_a_non_finite_reward_becomes_null() -> None:
         reward=0.75,
         rank=0,
         finish_reason="stop",
+        generated_at=123.0,
     )
-    message = encode_sample(sample, created_at=123.0)
+    message = encode_sample(sample)
     assert message["created_at"] == 123.0
     assert decode_sample(dumps(message)) == sample
 

@@ -36,14 +36,15 @@ from raft_stream.generation.base import serving_mode
 
 __all__ = ["BaseWeights", "MergedWeightsWorker", "merge_base", "merged_weights", "write_weights"]
 
-_MERGEABLE_DTYPES = ("F32", "F16", "BF16")
-"""safetensors' names of the dtypes a weight is merged into (anything else: quantized)."""
-_QUANTIZATION_FILES = ("quantize_config.json", "hf_quant_config.json")
-"""Where GPTQ/AutoRound and ModelOpt checkpoints say how they are quantized."""
 log = logging.getLogger(__name__)
 
 _FIX = "use generation.adapter_serving: lora"
 _BASE_FILES = ["*.json", "*.safetensors"]
+"""What ``BaseWeights.of_model`` fetches of a hub model (what vLLM fetches to load it)."""
+_MERGEABLE_DTYPES = ("F32", "F16", "BF16")
+"""safetensors' names of the dtypes a weight is merged into (anything else: quantized)."""
+_QUANTIZATION_FILES = ("quantize_config.json", "hf_quant_config.json")
+"""Where GPTQ/AutoRound and ModelOpt checkpoints say how they are quantized."""
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

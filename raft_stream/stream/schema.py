@@ -351,7 +351,7 @@ def encode_prompt(record: PromptRecord) -> dict[str, Any]:
 # -- samples -----------------------------------------------------------------------------
 
 
-def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, Any]:
+def encode_sample(sample: Sample) -> dict[str, Any]:
     """A sample as a JSON object for the samples topic and the trainer's buffer file.
 
     ``prompt_text`` (the templated prompt the model saw) travels too, and, from engines
@@ -360,12 +360,10 @@ def encode_sample(sample: Sample, created_at: float | None = None) -> dict[str, 
     ``"sampled"`` (ids included) or ``"text"`` (a black-box generator: the trainer
     tokenizes the text again); readers derive it from the ids, so it cannot disagree.
     A non-finite reward is sent as null: JSON has no NaN. ``created_at`` (seconds since
-    the epoch): ``created_at`` when given, else when the engine generated the response
-    (``Sample.generated_at``), else now.
+    the epoch): when the engine generated the response (``Sample.generated_at``), else now.
     """
     reward = sample.reward if sample.reward is not None and math.isfinite(sample.reward) else None
-    if created_at is None:
-        created_at = time.time() if sample.generated_at is None else sample.generated_at
+    created_at = time.time() if sample.generated_at is None else sample.generated_at
     message: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "prompt_id": sample.prompt_id,

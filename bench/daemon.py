@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,19 @@ CAPTION = (
 )
 
 
+def raw_round(
+    generator: VLLMGenerator, prompts: list[PromptRecord], size: int, params: SamplingParams
+) -> dict[str, float]:
+    """Raw vLLM samples ``prompts`` once, in batches of ``size``: seconds, tokens, samples."""
+    started = time.perf_counter()
+    tokens = samples = 0
+    for batch in batches(prompts, size):
+        outputs = generator.generate([p.text for p in batch], params)
+        tokens += sum(c.num_tokens for row in outputs for c in row)
+        samples += sum(len(row) for row in outputs)
+    return {"s": time.perf_counter() - started, "tokens": tokens, "samples": samples}
+
+
 def sample_raw(
     generator: VLLMGenerator,
     prompts: list[PromptRecord],
@@ -109,57 +123,35 @@ def sample_raw(
     """Raw vLLM: the prompts in batches of ``size``, after one batch to warm the engine;
     the median of ``repeats`` rounds."""
     generator.generate([p.text for p in prompts[:size]], params)
-    rounds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        tokens = samples = 0
-        for batch in batches(prompts, size):
-            outputs = generator.generate([p.text for p in batch], params)
-            tokens += sum(c.num_tokens for row in outputs for c in row)
-            samples += sum(len(row) for row in outputs)
-        rounds.append((time.perf_counter() - started, tokens, samples))
-    seconds, tokens, samples = sorted(rounds)[len(rounds) // 2]
-    return {"s": seconds, "tokens": tokens, "samples": samples}
+    rounds = [raw_round(generator, prompts, size, params) for _ in range(repeats)]
+    return sorted(rounds, key=lambda r: r["s"])[len(rounds) // 2]
 
 
-def run_raw_and_serial(
-    cfg: RaftConfig, model_path: str, prompts: list[PromptRecord], workdir: Path, repeats: int
+def run_raw(
+    cfg: RaftConfig,
+    model_path: str,
+    prompts: list[PromptRecord],
+    repeats: int,
+    generator: VLLMGenerator,
 ) -> dict[str, Any]:
-    """Raw vLLM on every core and on the cores the all-in-one daemon gives generation
-    (``roles.cpu_split``), and the serial generate-then-train loop."""
+    """Raw vLLM (``generator``, vLLM's default binding), one batch at a time and all
+    prompts in one call, and one batch at a time on the cores the all-in-one daemon gives
+    generation (``roles.cpu_split``, an engine of its own)."""
     params = SamplingParams.from_config(cfg.generation.sampling)
     size = cfg.kafka.poll_max_records
     split = split_cores(cfg.training.cpu_cores)
     raw_split = None
     if split is not None:
         bind_generation(split)  # read by the engine's worker when it starts
-        generator = VLLMGenerator(model_path, cfg.model, cfg.generation)
+        on_cores = VLLMGenerator(model_path, cfg.model, cfg.generation)
         try:
-            raw_split = sample_raw(generator, prompts, size, params, repeats)
+            raw_split = sample_raw(on_cores, prompts, size, params, repeats)
         finally:
-            generator.close()
+            on_cores.close()
             del os.environ[BIND_ENV]
-    generator = VLLMGenerator(model_path, cfg.model, cfg.generation)
-    try:
-        raw = sample_raw(generator, prompts, size, params, repeats)
-        # The ceiling: every prompt in one call, the engine's batch as full as it gets.
-        raw_one_call = sample_raw(generator, prompts, len(prompts), params, repeats)
-        sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, params)
-        trainer = LoRATrainer(model_path, cfg.training)
-        store = AdapterStore(workdir / "serial-adapters", base_model=model_path)
-        buffer = RewardBuffer(cfg.buffer.capacity, cfg.buffer.batch_size)
-        adapter = None
-        started = time.perf_counter()
-        for batch in batches(prompts, size):
-            buffer.add(sampler.run(batch, adapter).selection.kept)
-            if buffer.batch_ready():
-                trained = buffer.peek_batch()
-                trainer.train(trained)
-                adapter = store.write(trainer.save, {})
-                buffer.remove(trained)
-        serial_s = time.perf_counter() - started
-    finally:
-        generator.close()
+    raw = sample_raw(generator, prompts, size, params, repeats)
+    # The ceiling: every prompt in one call, the engine's batch as full as it gets.
+    raw_one_call = sample_raw(generator, prompts, len(prompts), params, repeats)
     return {
         "raw_s": raw["s"],
         "raw_tokens": raw["tokens"],
@@ -169,9 +161,35 @@ def run_raw_and_serial(
         "raw_generation_cores": None if split is None else list(split.generation),
         "raw_on_generation_cores_s": None if raw_split is None else raw_split["s"],
         "raw_on_generation_cores_tokens": None if raw_split is None else raw_split["tokens"],
-        "serial_s": serial_s,
-        "serial_versions": adapter.version if adapter else 0,
     }
+
+
+def run_serial(
+    cfg: RaftConfig,
+    model_path: str,
+    prompts: list[PromptRecord],
+    workdir: Path,
+    generator: VLLMGenerator,
+) -> dict[str, Any]:
+    """The serial generate-then-train loop on ``generator`` (its adapters change the
+    engine's weights when served merged: run it last)."""
+    params = SamplingParams.from_config(cfg.generation.sampling)
+    size = cfg.kafka.poll_max_records
+    sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, params)
+    trainer = LoRATrainer(model_path, cfg.training)
+    store = AdapterStore(workdir / "serial-adapters", base_model=model_path)
+    buffer = RewardBuffer(cfg.buffer.capacity, cfg.buffer.batch_size)
+    adapter = None
+    started = time.perf_counter()
+    for batch in batches(prompts, size):
+        buffer.add(sampler.run(batch, adapter).selection.kept)
+        if buffer.batch_ready():
+            trained = buffer.peek_batch()
+            trainer.train(trained)
+            adapter = store.write(trainer.save, {})
+            buffer.remove(trained)
+    serial_s = time.perf_counter() - started
+    return {"serial_s": serial_s, "serial_versions": adapter.version if adapter else 0}
 
 
 def _ready(url: str) -> bool:
@@ -206,11 +224,14 @@ def run_daemon(
     prompts_file: Path,
     workdir: Path,
     repeats: int,
+    paired: Callable[[], dict[str, float]] | None = None,
     profile: Path | None = None,
 ) -> dict[str, Any]:
     """Start the daemon, stream the prompts through it ``repeats`` times (medians count)
-    and stop it. ``profile``: record the daemon and its engine process with py-spy into this file
-    (collapsed stacks by thread: ``py-spy record --format raw``)."""
+    and stop it. ``paired``: a raw vLLM round run just before each of the daemon's, the
+    daemon idle (it waits for prompts), so each round has its own raw figure on the
+    machine as it was then. ``profile``: record the daemon and its engine process with
+    py-spy into this file (collapsed stacks by thread: ``py-spy record --format raw``)."""
     shutil.rmtree(workdir, ignore_errors=True)  # no store or state of an earlier run
     workdir.mkdir(parents=True)
     config_path = workdir / "daemon.yaml"
@@ -248,12 +269,14 @@ def run_daemon(
             ) as consumer,
         ):
             for n in range(repeats):  # the same prompts under new ids each round
+                raw = paired() if paired is not None else None
                 batch = [{**p, "id": f"{p['id']}~{n}"} for p in prompts]
-                rounds.append(
-                    stream_round(
-                        producer, consumer, kafka.topics.prompts, batch, first_on, delivered
-                    )
+                round_ = stream_round(
+                    producer, consumer, kafka.topics.prompts, batch, first_on, delivered
                 )
+                if raw is not None:
+                    round_["raw_tokens_per_s"] = raw["tokens"] / raw["s"]
+                rounds.append(round_)
         with JsonConsumer(
             kafka, kafka.topics.adapters, lambda v, _w: json.loads(v), group_id=None
         ) as consumer:
@@ -276,6 +299,11 @@ def run_daemon(
         "daemon_tokens_per_s": statistics.median(r["tokens"] / r["s"] for r in rounds),
         "first_sample_s": statistics.median(r["first_sample_s"] for r in rounds),
         "daemon_samples_per_s": statistics.median(r["samples"] / r["s"] for r in rounds),
+        "paired_over_raw": (
+            statistics.median(r["tokens"] / r["s"] / r["raw_tokens_per_s"] for r in rounds)
+            if paired is not None
+            else None
+        ),
         "daemon_versions": max(first_on, default=0),
         "rollbacks": rollbacks,
         "swap_latency_s": swaps,
@@ -340,6 +368,55 @@ def stream_round(
     }
 
 
+PAUSED = {"buffer.batch_size": 100_000, "buffer.capacity": 100_000}
+"""No training round ever starts."""
+
+
+def run_daemons(
+    cfg: RaftConfig,
+    prompts_file: Path,
+    workdir: Path,
+    args: argparse.Namespace,
+    raw_round: Callable[[], dict[str, float]],
+    console: Console,
+) -> dict[str, dict[str, Any]]:
+    """Each daemon variant (``--only``: some), ``--set`` applied to each; the paused ones
+    paired with ``raw_round`` (the ones training may still be training when it would run)."""
+    one_batch = cfg.kafka.poll_max_records
+    variants: dict[str, tuple[str, dict[str, Any]]] = {
+        "one batch, paused": (
+            "serial",
+            {**PAUSED, "generation.max_prompts_in_flight": one_batch},
+        ),
+        "pipelined, paused": ("pipelined", PAUSED),
+        "pipelined, training, LoRA path": ("training", {"generation.adapter_serving": "lora"}),
+        "pipelined, merged, training": ("merged", {"generation.adapter_serving": "merged"}),
+        # A new version's first batch waits for the batches ahead of it: one at a
+        # time trades throughput for the shortest swap.
+        "one batch, merged, training": (
+            "merged-one-batch",
+            {
+                "generation.adapter_serving": "merged",
+                "generation.max_prompts_in_flight": one_batch,
+            },
+        ),
+    }
+    overrides = dict(setting.split("=", 1) for setting in args.set)
+    runs = {}
+    for label, (name, settings) in variants.items():
+        if args.only and name not in args.only:
+            continue
+        console.print(f"all-in-one daemon: {label} ...")
+        settings = {**{k: yaml.safe_load(v) for k, v in overrides.items()}, **settings}
+        variant = daemon_variant(cfg, name, workdir, **settings)
+        profile = workdir / f"{name}.profile.txt" if args.profile else None
+        paired = raw_round if variant.buffer.batch_size == PAUSED["buffer.batch_size"] else None
+        runs[label] = run_daemon(
+            variant, prompts_file, workdir / name, args.repeats, paired, profile
+        )
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -354,6 +431,14 @@ def main() -> None:
         action="append",
         help="run only these daemon variants (by name: serial, "
         "pipelined, training, merged, merged-one-batch); repeatable",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config setting (dotted key, YAML value) for every daemon, e.g. "
+        "generation.max_prompts_in_flight=64; a variant's own settings win",
     )
     parser.add_argument(
         "--profile",
@@ -378,39 +463,23 @@ def main() -> None:
         prompts_file.write_text(
             "".join(json.dumps({"id": r.id, "prompt": r.prompt}) + "\n" for r in records)
         )
-        console.print("raw vLLM and serial RAFT ...")
-        plain = run_raw_and_serial(cfg, model_path, records, workdir, args.repeats)
-        paused = {"buffer.batch_size": 100_000, "buffer.capacity": 100_000}
-        one_batch = cfg.kafka.poll_max_records
-        variants: dict[str, tuple[str, dict[str, Any]]] = {
-            "one batch, paused": (
-                "serial",
-                {**paused, "generation.max_prompts_in_flight": one_batch},
-            ),
-            "pipelined, paused": ("pipelined", paused),
-            "pipelined, training, LoRA path": ("training", {"generation.adapter_serving": "lora"}),
-            "pipelined, merged, training": (
-                "merged",
-                {"generation.adapter_serving": "merged"},
-            ),
-            # A new version's first batch waits for the batches ahead of it: one at a
-            # time trades throughput for the shortest swap.
-            "one batch, merged, training": (
-                "merged-one-batch",
-                {
-                    "generation.adapter_serving": "merged",
-                    "generation.max_prompts_in_flight": one_batch,
-                },
-            ),
-        }
-        runs = {}
-        for label, (name, settings) in variants.items():
-            if args.only and name not in args.only:
-                continue
-            console.print(f"all-in-one daemon: {label} ...")
-            variant = daemon_variant(cfg, name, workdir, **settings)
-            profile = workdir / f"{name}.profile.txt" if args.profile else None
-            runs[label] = run_daemon(variant, prompts_file, workdir / name, args.repeats, profile)
+        console.print("raw vLLM ...")
+        raw_engine = VLLMGenerator(model_path, cfg.model, cfg.generation)
+        try:
+            plain = run_raw(cfg, model_path, records, args.repeats, raw_engine)
+            params = SamplingParams.from_config(cfg.generation.sampling)
+            runs = run_daemons(
+                cfg,
+                prompts_file,
+                workdir,
+                args,
+                lambda: raw_round(raw_engine, records, cfg.kafka.poll_max_records, params),
+                console,
+            )
+            console.print("serial RAFT ...")
+            plain |= run_serial(cfg, model_path, records, workdir, raw_engine)
+        finally:
+            raw_engine.close()
     raw_tps = plain["raw_tokens"] / plain["raw_s"]
     split_s = plain["raw_on_generation_cores_s"]
     split_tps = plain["raw_on_generation_cores_tokens"] / split_s if split_s else None
@@ -426,7 +495,15 @@ def main() -> None:
     }
     title = f"daemon vs plain alternatives ({args.model}, {args.prompts} prompts, K=4)"
     table = Table(title=title, caption=CAPTION)
-    columns = ("run", "wall s", "samples/s", "tokens/s", "x raw", "x raw (its cores)")
+    columns = (
+        "run",
+        "wall s",
+        "samples/s",
+        "tokens/s",
+        "x raw",
+        "x raw (its cores)",
+        "x raw (paired rounds)",
+    )
     swap_columns = ("stored->loaded p50 s", "->generated p50 s", "->delivered p50 s")
     for column in (*columns, "versions", *swap_columns):
         table.add_column(column, justify="right")
@@ -436,6 +513,7 @@ def main() -> None:
         f"{plain['raw_samples'] / plain['raw_s']:.1f}",
         f"{raw_tps:.0f}",
         "1.00",
+        "",
         "",
         "-",
         "-",
@@ -451,6 +529,7 @@ def main() -> None:
         f"{one_call_tps:.0f}",
         f"{one_call_tps / raw_tps:.2f}",
         "",
+        "",
         "-",
         "-",
         "-",
@@ -465,6 +544,7 @@ def main() -> None:
             f"{split_tps:.0f}",
             f"{split_tps / raw_tps:.2f}",
             "1.00",
+            "",
             "-",
             "-",
             "-",
@@ -473,7 +553,7 @@ def main() -> None:
     table.add_row(
         "serial RAFT",
         f"{plain['serial_s']:.1f}",
-        *([""] * 4),
+        *([""] * 5),
         str(plain["serial_versions"]),
         *([""] * 3),
     )
@@ -493,6 +573,7 @@ def main() -> None:
             f"{tps:.0f}",
             f"{tps / raw_tps:.2f}",
             f"{tps / split_tps:.2f}" if split_tps else "",
+            f"{run['paired_over_raw']:.2f}" if run["paired_over_raw"] else "",
             f"{run['daemon_versions']} ({run['rollbacks']} rollbacks)",
             *medians,
         )

@@ -182,9 +182,6 @@ class RaftMetrics:
         self.generation_tokens_total = Counter(
             "generation_tokens", "Response tokens generated.", **kw
         )
-        self.generation_tokens_per_second = Gauge(
-            "generation_tokens_per_second", "Response tokens per second of the last batch.", **kw
-        )
         self.generation_distinct2 = Gauge(
             "generation_distinct2",
             "Distinct-2 (unique word bigrams / bigrams) of the most recent responses.",
@@ -340,7 +337,6 @@ class RaftMetrics:
             **kw,
         )
         for unset in (
-            self.generation_tokens_per_second,
             self.generation_distinct2,
             self.kept_reward_mean,
             self.training_loss,
@@ -508,11 +504,11 @@ class RaftMetrics:
 
     # -- throughput and diversity ----------------------------------------------------------
 
-    def observe_generation(self, tokens: int, seconds: float) -> None:
-        """A generation batch produced ``tokens`` response tokens in ``seconds``."""
+    def observe_generation(self, tokens: int) -> None:
+        """A generation batch produced ``tokens`` response tokens. Its rate is
+        ``rate(raft_stream_generation_tokens_total[...])``: batches sample together, so no
+        one batch's tokens over its own seconds is the engine's rate."""
         self.generation_tokens_total.inc(tokens)
-        if seconds > 0:
-            self.generation_tokens_per_second.set(tokens / seconds)
 
     def observe_responses(self, responses: Iterable[str]) -> None:
         """Add responses to the recent window and update distinct-2."""

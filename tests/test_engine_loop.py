@@ -88,6 +88,28 @@ def test_a_new_version_samples_beside_two_versions_whose_batches_are_in_flight(
         batch.result(timeout=120)
 
 
+def test_what_a_finished_batch_sets_off_does_not_hold_up_the_engine(
+    vllm_generator: VLLMGenerator,
+) -> None:
+    """A batch's callbacks (turning outputs into samples) run beside the engine: while
+    one is still busy, the next batch joins the engine and is sampled."""
+    loop = vllm_generator.loop
+    busy, release = threading.Event(), threading.Event()
+    released: list[bool] = []  # False: the callback gave up waiting
+    first = loop.submit([(PROMPTS[0], _long())])
+    first.add_done_callback(lambda _: (busy.set(), released.append(release.wait(60))))
+    assert busy.wait(60)
+    try:
+        # While the callback waits: the second batch goes in and is sampled (drained).
+        second = loop.submit([(PROMPTS[1], vllm.SamplingParams(max_tokens=2, seed=0))])
+        sampled_by = loop.call(time.time, drain=True).result(timeout=90)
+    finally:
+        release.set()
+    [finished] = second.result(timeout=30)
+    assert finished.at <= sampled_by
+    assert released == [True], "the engine waited for the callback to give up"
+
+
 def test_a_call_that_raises_fails_its_future_and_the_loop_goes_on(
     vllm_generator: VLLMGenerator,
 ) -> None:

@@ -365,7 +365,7 @@ def build() -> dict[str, Any]:
             "none",
             query(f"sum(rate(raft_stream_generation_tokens_total{{{NS}}}[{RATE}]))", "total"),
             query(
-                f"avg by (pod, instance) (raft_stream_generation_tokens_per_second{{{NS}}})",
+                f"sum by (pod, instance) (rate(raft_stream_generation_tokens_total{{{NS}}}[{RATE}]))",
                 "{{pod}} {{instance}}",
                 "B",
             ),

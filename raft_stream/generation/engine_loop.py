@@ -7,7 +7,10 @@ of a batch that finish early leave their slots empty until the last one finishes
 ``LLMEngine``, adds each submitted batch's requests as soon as it comes (vLLM's scheduler
 puts them in the running batch at its next step: continuous batching), steps while any
 request is unfinished, and completes a batch's future when its last request finishes,
-with each request's output and the time its step finished it (``Finished``).
+with each request's output and the time its step finished it (``Finished``). Futures are
+completed on a thread of their own, so what callers chain onto them (turning outputs
+into samples) runs beside the engine instead of holding up its next step and the
+requests waiting to join it.
 
 Other engine work (adding a LoRA adapter, reloading weights) runs on the same thread,
 between steps and in submission order, so a batch submitted after a load samples with
@@ -33,7 +36,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -106,6 +109,8 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._closed = False
         """Set (under ``_lock``) once the thread takes no more jobs."""
+        self._completions = ThreadPoolExecutor(1, thread_name_prefix="raft-stream-vllm-done")
+        """Completes finished batches' futures (their callbacks run there), in order."""
         self._thread = threading.Thread(target=self._run, name="raft-stream-vllm", daemon=True)
         self._thread.start()
 
@@ -138,6 +143,8 @@ class EngineLoop:
         if self._thread.is_alive():
             self._jobs.put(_CLOSE)
             self._thread.join(timeout_s)
+        if not self._thread.is_alive():  # else it may still hand a batch over
+            self._completions.shutdown(wait=True)  # what finished is handed over first
 
     def _put(self, job: _Batch | _Call) -> None:
         with self._lock:
@@ -236,7 +243,8 @@ class EngineLoop:
                 continue
             owner.outputs[output.request_id] = Finished(output, now)
             if len(owner.outputs) == len(owner.ids):
-                owner.done.set_result([owner.outputs[i] for i in owner.ids])
+                finished = [owner.outputs[i] for i in owner.ids]
+                self._completions.submit(owner.done.set_result, finished)
 
     def _abort_running(self) -> None:
         """Stop the requests of every batch in flight in the engine."""

@@ -499,7 +499,7 @@ class GeneratorRole:
             m.count_rejected(reason, count)
         if not scored.samples:
             return
-        m.observe_generation(scored.tokens, scored.generation_s)
+        m.observe_generation(scored.tokens)
         m.observe_responses([s.response for s in scored.samples])
         # By the version that made each sample: a batch may have fallen back mid-way.
         by_version: dict[int, list[Sample]] = defaultdict(list)

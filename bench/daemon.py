@@ -15,14 +15,17 @@ Everything but the LoRA-path daemon runs with the default ``generation.adapter_s
 (``auto``: merged on the CPU, so an engine without LoRA, as plain vLLM runs).
 
 Reports samples/s and tokens/s of each (the median of ``--repeats`` rounds: raw vLLM moves
-by ±20% from run to run on a shared 2-core machine), the daemon/raw ratios,
-streaming/serial wall time, and adapter swap latency: stored → the engine finished the
-first prompt's samples on it (the sample record's ``created_at``), and stored → those
-samples reached a consumer of the samples topic (scored, ranked and delivered with their
-batch).
+by ±20% from run to run on a shared 2-core machine), the daemon/raw ratios (and, for
+the paused daemons, the median of each round's ratio to a raw vLLM round run just before
+it, the daemon waiting, so the machine's drift over the minutes between the opening raw
+figure and a daemon's run stays out of the ratio), streaming/serial wall time, and
+adapter swap latency: stored → the engine finished the first prompt's samples on it (the
+sample record's ``created_at``), and stored → those samples reached a consumer of the
+samples topic (scored, ranked and delivered with their batch).
 
     python bench/daemon.py                 # tiny model, 512 prompts, K=4
     python bench/daemon.py --model demo --prompts 64
+    python bench/daemon.py --only pipelined --set generation.max_prompts_in_flight=64
 """
 
 from __future__ import annotations
@@ -177,6 +180,7 @@ def run_serial(
     size = cfg.kafka.poll_max_records
     sampler = RaftSampler(generator, build_safe_reward(cfg.reward), cfg.ranking, params)
     trainer = LoRATrainer(model_path, cfg.training)
+    shutil.rmtree(workdir / "serial-adapters", ignore_errors=True)  # versions from 1
     store = AdapterStore(workdir / "serial-adapters", base_model=model_path)
     buffer = RewardBuffer(cfg.buffer.capacity, cfg.buffer.batch_size)
     adapter = None

@@ -41,6 +41,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -376,47 +377,76 @@ PAUSED = {"buffer.batch_size": 100_000, "buffer.capacity": 100_000}
 """No training round ever starts."""
 
 
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    """What ``--only`` picks it by, and its folder under the workdir."""
+    settings: dict[str, Any]
+    paired: bool
+    """Paused: each round is paired with a raw vLLM round (a daemon that trains may still
+    be training when that round would run)."""
+
+
+def daemon_variants(one_batch: int) -> dict[str, Variant]:
+    """Label -> variant; ``one_batch``: ``kafka.poll_max_records``."""
+    return {
+        "one batch, paused": Variant(
+            "serial", {**PAUSED, "generation.max_prompts_in_flight": one_batch}, paired=True
+        ),
+        "pipelined, paused": Variant("pipelined", PAUSED, paired=True),
+        "pipelined, training, LoRA path": Variant(
+            "training", {"generation.adapter_serving": "lora"}, paired=False
+        ),
+        "pipelined, merged, training": Variant(
+            "merged", {"generation.adapter_serving": "merged"}, paired=False
+        ),
+        # A new version's first batch waits for the batches ahead of it: one at a
+        # time trades throughput for the shortest swap.
+        "one batch, merged, training": Variant(
+            "merged-one-batch",
+            {"generation.adapter_serving": "merged", "generation.max_prompts_in_flight": one_batch},
+            paired=False,
+        ),
+    }
+
+
+VARIANT_NAMES = tuple(v.name for v in daemon_variants(1).values())
+
+
+def setting(text: str) -> tuple[str, Any]:
+    """``--set KEY=VALUE``: a dotted config key and a YAML value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, yaml.safe_load(value)
+
+
 def run_daemons(
     cfg: RaftConfig,
     prompts_file: Path,
     workdir: Path,
     args: argparse.Namespace,
-    raw_round: Callable[[], dict[str, float]],
+    paired_round: Callable[[], dict[str, float]],
     console: Console,
 ) -> dict[str, dict[str, Any]]:
-    """Each daemon variant (``--only``: some), ``--set`` applied to each; the paused ones
-    paired with ``raw_round`` (the ones training may still be training when it would run)."""
-    one_batch = cfg.kafka.poll_max_records
-    variants: dict[str, tuple[str, dict[str, Any]]] = {
-        "one batch, paused": (
-            "serial",
-            {**PAUSED, "generation.max_prompts_in_flight": one_batch},
-        ),
-        "pipelined, paused": ("pipelined", PAUSED),
-        "pipelined, training, LoRA path": ("training", {"generation.adapter_serving": "lora"}),
-        "pipelined, merged, training": ("merged", {"generation.adapter_serving": "merged"}),
-        # A new version's first batch waits for the batches ahead of it: one at a
-        # time trades throughput for the shortest swap.
-        "one batch, merged, training": (
-            "merged-one-batch",
-            {
-                "generation.adapter_serving": "merged",
-                "generation.max_prompts_in_flight": one_batch,
-            },
-        ),
-    }
-    overrides = dict(setting.split("=", 1) for setting in args.set)
+    """Each daemon variant (``--only``: some) with ``--set`` applied (a variant's own
+    settings win); the paused ones paired with ``paired_round``."""
     runs = {}
-    for label, (name, settings) in variants.items():
-        if args.only and name not in args.only:
+    for label, variant in daemon_variants(cfg.kafka.poll_max_records).items():
+        if args.only and variant.name not in args.only:
             continue
         console.print(f"all-in-one daemon: {label} ...")
-        settings = {**{k: yaml.safe_load(v) for k, v in overrides.items()}, **settings}
-        variant = daemon_variant(cfg, name, workdir, **settings)
-        profile = workdir / f"{name}.profile.txt" if args.profile else None
-        paired = raw_round if variant.buffer.batch_size == PAUSED["buffer.batch_size"] else None
+        variant_cfg = daemon_variant(
+            cfg, variant.name, workdir, **{**dict(args.set), **variant.settings}
+        )
+        profile = workdir / f"{variant.name}.profile.txt" if args.profile else None
         runs[label] = run_daemon(
-            variant, prompts_file, workdir / name, args.repeats, paired, profile
+            variant_cfg,
+            prompts_file,
+            workdir / variant.name,
+            args.repeats,
+            paired_round if variant.paired else None,
+            profile,
         )
     return runs
 
@@ -433,12 +463,13 @@ def main() -> None:
     parser.add_argument(
         "--only",
         action="append",
-        help="run only these daemon variants (by name: serial, "
-        "pipelined, training, merged, merged-one-batch); repeatable",
+        choices=VARIANT_NAMES,
+        help="run only these daemon variants; repeatable",
     )
     parser.add_argument(
         "--set",
         action="append",
+        type=setting,
         default=[],
         metavar="KEY=VALUE",
         help="a config setting (dotted key, YAML value) for every daemon, e.g. "
@@ -457,6 +488,7 @@ def main() -> None:
     model_path = resolve_model(args.model)
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
         cfg = bench_config(args.model, broker.bootstrap, workdir, port=9477)
+        daemon_variant(cfg, "check", workdir, **dict(args.set))  # a bad --set fails now
         formatter = PromptFormatter.from_model(model_path, cfg.model)
         pool = tiny_prompts("train")
         records = [
@@ -491,6 +523,8 @@ def main() -> None:
         "model": args.model,
         "prompts": args.prompts,
         "k": 4,
+        "repeats": args.repeats,
+        "settings": dict(args.set),
         "cpu": cpu_identity(),
         **plain,
         "raw_tokens_per_s": raw_tps,

@@ -62,7 +62,7 @@ def test_engine_work_runs_between_steps_in_the_order_it_was_sent(
     between.result(timeout=60)
     assert not long.done(), "a call without drain does not wait for the batch"
     after.result(timeout=120)
-    assert long.done()
+    assert long.done(), "a drained call's future completes after the batches before it"
     assert order == ["between steps", "after the batch"]
 
 
@@ -99,14 +99,17 @@ def test_what_a_finished_batch_sets_off_does_not_hold_up_the_engine(
     first = loop.submit([(PROMPTS[0], _long())])
     first.add_done_callback(lambda _: (busy.set(), released.append(release.wait(60))))
     assert busy.wait(60)
+    drained: list[float] = []  # when the engine had sampled everything before the call
     try:
-        # While the callback waits: the second batch goes in and is sampled (drained).
+        # While the callback waits: the second batch goes in and is sampled.
         second = loop.submit([(PROMPTS[1], vllm.SamplingParams(max_tokens=2, seed=0))])
-        sampled_by = loop.call(time.time, drain=True).result(timeout=90)
+        sampled = threading.Event()
+        loop.call(lambda: (drained.append(time.time()), sampled.set()), drain=True)
+        assert sampled.wait(90)
     finally:
         release.set()
-    [finished] = second.result(timeout=30)
-    assert finished.at <= sampled_by
+    [finished] = second.result(timeout=30)  # handed over once the callback returned
+    assert finished.at <= drained[0]
     assert released == [True], "the engine waited for the callback to give up"
 
 

@@ -365,7 +365,8 @@ def build() -> dict[str, Any]:
             "none",
             query(f"sum(rate(raft_stream_generation_tokens_total{{{NS}}}[{RATE}]))", "total"),
             query(
-                f"sum by (pod, instance) (rate(raft_stream_generation_tokens_total{{{NS}}}[{RATE}]))",
+                "sum by (pod, instance) "
+                f"(rate(raft_stream_generation_tokens_total{{{NS}}}[{RATE}]))",
                 "{{pod}} {{instance}}",
                 "B",
             ),

@@ -106,7 +106,7 @@ class GenerationUnavailableError(GenerationError):
 @dataclass(frozen=True)
 class GenerationStats:
     """What one generate() call produced and cost; backends keep the last one in
-    ``last_stats`` for the tokens/s and adapter swap metrics."""
+    ``last_stats`` (with batches sampling together, the last to finish)."""
 
     completions: int
     tokens: int

@@ -7,15 +7,18 @@ of a batch that finish early leave their slots empty until the last one finishes
 ``LLMEngine``, adds each submitted batch's requests as soon as it comes (vLLM's scheduler
 puts them in the running batch at its next step: continuous batching), steps while any
 request is unfinished, and completes a batch's future when its last request finishes,
-with each request's output and the time its step finished it (``Finished``). Futures are
-completed on a thread of their own, so what callers chain onto them (turning outputs
-into samples) runs beside the engine instead of holding up its next step and the
-requests waiting to join it.
+with each request's output and the time its step finished it (``Finished``).
+
+Futures are completed on a thread of their own (the handover thread), in the order the
+engine's thread settled them, so what callers chain onto them (turning outputs into
+samples) runs beside the engine instead of holding up its next step and the requests
+waiting to join it. Only ``submit``'s own refusals are raised on the caller's side.
 
 Other engine work (adding a LoRA adapter, reloading weights) runs on the same thread,
 between steps and in submission order, so a batch submitted after a load samples with
 what it loaded. ``call(..., drain=True)`` first lets every request submitted before it
-finish (weights changed in place must not change under a running request).
+finish (weights changed in place must not change under a running request); their
+batches' futures are complete by the time its own is.
 
 A step that raises fails every batch in flight (their requests aborted); when it is
 vLLM's EngineDeadError (its processes died), every later batch fails with it too:
@@ -29,6 +32,7 @@ started is skipped.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -36,7 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -109,8 +113,12 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._closed = False
         """Set (under ``_lock``) once the thread takes no more jobs."""
-        self._completions = ThreadPoolExecutor(1, thread_name_prefix="raft-stream-vllm-done")
-        """Completes finished batches' futures (their callbacks run there), in order."""
+        self._settled: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        """Futures to complete, in order, on the handover thread (None: no more)."""
+        self._handover = threading.Thread(
+            target=self._hand_over, name="raft-stream-vllm-handover", daemon=True
+        )
+        self._handover.start()
         self._thread = threading.Thread(target=self._run, name="raft-stream-vllm", daemon=True)
         self._thread.start()
 
@@ -138,13 +146,14 @@ class EngineLoop:
         return job.done
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the thread: requests still running are aborted and their batches, like
-        work not yet started, fail with EngineClosedError."""
+        """Stop the threads: requests still running are aborted and their batches, like
+        work not yet started, fail with EngineClosedError, after what finished before
+        is handed over. Waits up to ``timeout_s`` in all (both threads are daemons)."""
+        deadline = time.monotonic() + timeout_s
         if self._thread.is_alive():
             self._jobs.put(_CLOSE)
             self._thread.join(timeout_s)
-        if not self._thread.is_alive():  # else it may still hand a batch over
-            self._completions.shutdown(wait=True)  # what finished is handed over first
+        self._handover.join(max(0.0, deadline - time.monotonic()))
 
     def _put(self, job: _Batch | _Call) -> None:
         with self._lock:
@@ -154,6 +163,24 @@ class EngineLoop:
         job.done.set_exception(EngineClosedError("the engine loop is closed"))
         if isinstance(job, _Batch):
             job.added.set()
+
+    # -- the handover thread -------------------------------------------------------------
+
+    def _hand_over(self) -> None:
+        while (settle := self._settled.get()) is not None:
+            try:
+                settle()  # Future runs (and logs the errors of) its callbacks
+            except Exception:  # a future settled twice: a bug, but not the loop's end
+                log.exception("completing an engine future failed")
+
+    def _settle(
+        self, future: Future[Any], result: Any = None, error: BaseException | None = None
+    ) -> None:
+        """Complete ``future`` on the handover thread, after what was settled before."""
+        if error is not None:
+            self._settled.put(functools.partial(future.set_exception, error))
+        else:
+            self._settled.put(functools.partial(future.set_result, result))
 
     # -- the engine's thread -------------------------------------------------------------
 
@@ -180,6 +207,7 @@ class EngineLoop:
                     self._step()
         finally:
             self._close(waiting)
+            self._settled.put(None)  # the handover thread ends after what is queued
 
     def _start(self, job: _Batch | _Call) -> None:
         if not job.done.set_running_or_notify_cancel():  # cancelled by its caller
@@ -188,9 +216,9 @@ class EngineLoop:
             return
         if isinstance(job, _Call):
             try:
-                job.done.set_result(job.work())
+                self._settle(job.done, job.work())
             except BaseException as err:
-                job.done.set_exception(err)
+                self._settle(job.done, error=err)
             return
         try:
             self._add(job)
@@ -243,8 +271,7 @@ class EngineLoop:
                 continue
             owner.outputs[output.request_id] = Finished(output, now)
             if len(owner.outputs) == len(owner.ids):
-                finished = [owner.outputs[i] for i in owner.ids]
-                self._completions.submit(owner.done.set_result, finished)
+                self._settle(owner.done, [owner.outputs[i] for i in owner.ids])
 
     def _abort_running(self) -> None:
         """Stop the requests of every batch in flight in the engine."""
@@ -261,7 +288,7 @@ class EngineLoop:
 
     def _fail_running(self, err: BaseException) -> None:
         for batch in self._batches_running():
-            batch.done.set_exception(err)
+            self._settle(batch.done, error=err)
         self._running.clear()
 
     def _close(self, waiting: deque[_Batch | _Call | object]) -> None:
@@ -278,6 +305,6 @@ class EngineLoop:
                 break
         for job in waiting:
             if isinstance(job, (_Batch, _Call)) and job.done.set_running_or_notify_cancel():
-                job.done.set_exception(closed)
+                self._settle(job.done, error=closed)
             if isinstance(job, _Batch):
                 job.added.set()

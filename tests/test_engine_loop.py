@@ -113,6 +113,23 @@ def test_what_a_finished_batch_sets_off_does_not_hold_up_the_engine(
     assert released == [True], "the engine waited for the callback to give up"
 
 
+def test_a_callback_that_raises_system_exit_does_not_stop_the_batches_after_it(
+    vllm_generator: VLLMGenerator,
+) -> None:
+    loop = vllm_generator.loop
+    first = loop.submit([(PROMPTS[0], _long(60))])
+
+    def exits(_: object) -> None:
+        raise SystemExit("a callback's own bug")
+
+    first.add_done_callback(exits)  # while the batch samples: run by the handover thread
+    assert len(first.result(timeout=60)) == 1
+
+    second = loop.submit([(PROMPTS[1], vllm.SamplingParams(max_tokens=2, seed=0))])
+    assert len(second.result(timeout=60)) == 1
+    assert loop.call(lambda: "still here").result(timeout=60) == "still here"
+
+
 def test_a_call_that_raises_fails_its_future_and_the_loop_goes_on(
     vllm_generator: VLLMGenerator,
 ) -> None:

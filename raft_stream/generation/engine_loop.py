@@ -12,7 +12,8 @@ with each request's output and the time its step finished it (``Finished``).
 Futures are completed on a thread of their own (the handover thread), in the order the
 engine's thread settled them, so what callers chain onto them (turning outputs into
 samples) runs beside the engine instead of holding up its next step and the requests
-waiting to join it. Only ``submit``'s own refusals are raised on the caller's side.
+waiting to join it. Only ``submit``'s own refusals are raised on the caller's side. A
+callback must not block on this loop's futures (it would wait on its own thread).
 
 Other engine work (adding a LoRA adapter, reloading weights) runs on the same thread,
 between steps and in submission order, so a batch submitted after a load samples with
@@ -150,10 +151,13 @@ class EngineLoop:
         work not yet started, fail with EngineClosedError, after what finished before
         is handed over. Waits up to ``timeout_s`` in all (both threads are daemons)."""
         deadline = time.monotonic() + timeout_s
+        here = threading.current_thread()  # a callback may close the loop
         if self._thread.is_alive():
             self._jobs.put(_CLOSE)
-            self._thread.join(timeout_s)
-        self._handover.join(max(0.0, deadline - time.monotonic()))
+            if here is not self._thread:
+                self._thread.join(timeout_s)
+        if here is not self._handover:
+            self._handover.join(max(0.0, deadline - time.monotonic()))
 
     def _put(self, job: _Batch | _Call) -> None:
         with self._lock:
@@ -169,8 +173,8 @@ class EngineLoop:
     def _hand_over(self) -> None:
         while (settle := self._settled.get()) is not None:
             try:
-                settle()  # Future runs (and logs the errors of) its callbacks
-            except Exception:  # a future settled twice: a bug, but not the loop's end
+                settle()  # Future runs (and logs the Exceptions of) its callbacks
+            except BaseException:  # a callback's SystemExit, a future settled twice
                 log.exception("completing an engine future failed")
 
     def _settle(
@@ -206,8 +210,10 @@ class EngineLoop:
                 if self._running:
                     self._step()
         finally:
-            self._close(waiting)
-            self._settled.put(None)  # the handover thread ends after what is queued
+            try:
+                self._close(waiting)
+            finally:
+                self._settled.put(None)  # the handover thread ends after what is queued
 
     def _start(self, job: _Batch | _Call) -> None:
         if not job.done.set_running_or_notify_cancel():  # cancelled by its caller
@@ -240,7 +246,10 @@ class EngineLoop:
                 job.ids.append(request_id)
         except BaseException as err:
             if job.engine_ids:
-                self._engine.abort_request(job.engine_ids, internal=True)
+                try:
+                    self._engine.abort_request(job.engine_ids, internal=True)
+                except Exception as abort_err:  # a dead engine: nothing left to abort
+                    log.info("aborting requests failed", extra={"error": repr(abort_err)})
             job.ids, job.engine_ids = [], []
             job.done.set_exception(err)
             return
@@ -304,7 +313,12 @@ class EngineLoop:
             except queue.Empty:
                 break
         for job in waiting:
-            if isinstance(job, (_Batch, _Call)) and job.done.set_running_or_notify_cancel():
-                self._settle(job.done, error=closed)
+            if not isinstance(job, (_Batch, _Call)):
+                continue
+            if job.done.set_running_or_notify_cancel():
+                if isinstance(job, _Batch):  # never added: refused, so submit() raises it
+                    job.done.set_exception(closed)
+                else:
+                    self._settle(job.done, error=closed)
             if isinstance(job, _Batch):
                 job.added.set()

@@ -46,6 +46,7 @@ test: lint $(CHECKOV)
 bench: $(STAMP)
 	$(PY) bench/generation.py
 	$(PY) bench/daemon.py
+	$(PY) bench/swap_floor.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) bench/generation.py
 	$(PY) bench/daemon.py
 	$(PY) bench/swap_floor.py
+	$(PY) bench/swap_floor.py --serving lora
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

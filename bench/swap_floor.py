@@ -1,33 +1,42 @@
-"""The engine's own part of an adapter swap: vLLM alone, and beside a training thread.
+"""The engine's own part of an adapter swap on the CPU: vLLM alone, and beside training.
 
 bench/daemon.py measures the daemon's swap, stored -> the first sample on the new version.
 That is detection, the load (merged serving first lets the batches in flight finish),
 waiting for the pipeline, and the first prompt's own sampling. This script times the
-engine's part alone, the way the generator drives it:
-- two batches sample on one version (the daemon's default depth: 32 prompts, K=4);
-- a new version comes at a random moment while they sample;
-- it is loaded, then a batch is sampled on it.
+engine's part alone, driven as the generator drives it in its steady state:
+- the engine holds the daemon's default depth on one version: two batches of
+  ``kafka.poll_max_records`` prompts (``generation.max_prompts_in_flight`` over that), K=4,
+  a new batch going in as the oldest finishes;
+- a new version comes at a random moment (``FEED_S``);
+- it is loaded with the generator's one-token probe, and a batch is sampled on it (the
+  batches in flight are not refilled: the daemon would, so this is the lighter case); the
+  first of its prompts to finish ends the swap.
 
-Each swap runs once with the engine alone and once while LoRA training rounds run on a
-thread pinned to the training cores, as in the all-in-one daemon. The two cases take turns,
-so a burst of load on the machine hits both. The versions are real: trained on the
-engine's own samples and stored, as the trainer does.
+Swaps come in pairs with the same arrival moment: one with the engine alone, one beside
+LoRA training rounds on a thread pinned to the training core, as the all-in-one daemon
+runs them on a CPU. The order is ABBA, and versions are trained one after another, so
+neither case always gets the later version. "x alone" is the median of each pair's ratio.
+The versions are real: trained on the engine's own samples and stored, as the trainer does.
 
-    python bench/swap_floor.py                    # tiny model, 12 swaps per case
+    python bench/swap_floor.py                    # tiny model, 12 pairs
     python bench/swap_floor.py --serving lora     # through vLLM's LoRA path
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import statistics
 import tempfile
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -40,41 +49,75 @@ from raft_stream.generation.engine_dtype import cpu_identity
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
 from raft_stream.rewards.registry import build_safe_reward
-from raft_stream.roles.cpu_split import bind_generation, pin_this_thread, split_cores
+from raft_stream.roles.cpu_split import BIND_ENV, bind_generation, pin_this_thread, split_cores
 from raft_stream.training.lora_trainer import LoRATrainer
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 
 PROBE = SamplingParams(n=1, max_new_tokens=1, temperature=0.0, seed=0)
 """The generator's load probe (roles/generator.py)."""
-CASES = ("engine alone", "beside training")
+ALONE, BESIDE = "engine alone", "beside training"
+ABBA = (ALONE, BESIDE, BESIDE, ALONE)
+FEED_S = (0.3, 0.9)
+"""How long the engine samples on the old version before the new one comes (uniform):
+at least a batch's time on this machine, so the batches in flight are staggered."""
 
 
 class Training:
-    """LoRA rounds on ``samples``, back to back, on a thread pinned to ``cores``."""
+    """LoRA rounds on ``samples``, back to back, on a thread pinned to ``cores``; ``stop``
+    raises what a round raised."""
 
     def __init__(self, trainer: LoRATrainer, samples: list[Sample], cores: tuple[int, ...]):
         self.rounds = 0
+        self.started = threading.Event()
         self._stop = threading.Event()
+        self._error: BaseException | None = None
 
         def run() -> None:
-            pin_this_thread(cores)
-            while not self._stop.is_set():
-                trainer.train(samples)
-                self.rounds += 1
+            try:
+                pin_this_thread(cores)
+                self.started.set()
+                while not self._stop.is_set():
+                    trainer.train(samples)
+                    self.rounds += 1
+            except BaseException as err:
+                self._error = err
+                self.started.set()
 
         self._thread = threading.Thread(target=run, name="bench-training", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """Stop after the round under way; returns the rounds finished."""
         self._stop.set()
         self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.rounds
+
+
+def on_cores(cores: tuple[int, ...], work: Callable[[], Any]) -> Any:
+    """``work()`` on a thread pinned to ``cores``; its result, or what it raised."""
+
+    def pinned() -> Any:
+        pin_this_thread(cores)
+        return work()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(pinned).result()
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--swaps", type=int, default=12, help="swaps per case")
+    parser.add_argument("--model", default="tiny", help="a built-in model's name or a folder")
+    parser.add_argument("--pairs", type=positive, default=12, help="swap pairs (alone, beside)")
     parser.add_argument("--serving", choices=("auto", "lora", "merged"), default="auto")
     parser.add_argument(
         "--out", type=Path, help="default: bench/results/swap_floor_<lora|merged>.json"
@@ -94,91 +137,130 @@ def main() -> None:
     )
     split = split_cores(cfg.training.cpu_cores)
     if split is None:
-        raise SystemExit("this measures the all-in-one daemon's core split: it needs 2+ cores")
+        raise SystemExit(
+            "this measures the all-in-one daemon's CPU split of vLLM and training: it needs "
+            f"2 or more cores and {BIND_ENV} unset"
+        )
     bind_generation(split)  # before the engine starts, as the daemon does
+    size = cfg.kafka.poll_max_records
+    depth = max(1, cfg.generation.max_prompts_in_flight // size)
     model_path = str(resolve_model(args.model))
     formatter = PromptFormatter.from_model(model_path, cfg.model)
-    prompts = [formatter.format(p) for p in tiny_prompts("train", 48)]
+    prompts = [p.text for p in map(formatter.format, tiny_prompts("train", (depth + 1) * size))]
+    batches = [prompts[i * size : (i + 1) * size] for i in range(depth + 1)]
     params = SamplingParams.from_config(cfg.generation.sampling)
-    size = 16  # the daemon's kafka.poll_max_records in bench/daemon.py
+    probe = formatter.text("hello")
+    swaps = 2 * args.pairs
+    rng = random.Random(0)
+    feed_s = [rng.uniform(*FEED_S) for _ in range(args.pairs)]
+    rows: list[dict[str, Any]] = []
     console = Console(width=140)
     engine = VLLMGenerator(model_path, cfg.model, cfg.generation)
     try:
+        batch_s = []  # the machine's speed now: one batch alone on the base model
+        for _ in range(4):
+            started = time.perf_counter()
+            engine.generate(batches[0], params)
+            batch_s.append(time.perf_counter() - started)
+        batch_s = batch_s[1:]  # the first warms up
         sampler = RaftSampler(engine, build_safe_reward(cfg.reward), cfg.ranking, params)
-        samples = sampler.run(prompts[:size], None).selection.kept
+        samples = sampler.run([formatter.format(p) for p in tiny_prompts("train", size)], None)
+        kept = samples.selection.kept
         trainer = LoRATrainer(model_path, cfg.training)
         with tempfile.TemporaryDirectory() as tmp:
-            store = AdapterStore(Path(tmp), base_model=model_path, keep_last=2 * args.swaps + 1)
-            console.print(f"training {2 * args.swaps + 1} versions ...")
-            versions: list[AdapterVersion] = []
+            store = AdapterStore(Path(tmp), base_model=model_path, keep_last=swaps + 1)
+            with store:
+                console.print(f"training {swaps + 1} versions ...")
 
-            def train_versions() -> None:
-                pin_this_thread(split.training)
-                for _ in range(2 * args.swaps + 1):
-                    trainer.train(samples)
-                    versions.append(store.write(trainer.save, {}))
+                def train_versions() -> list[AdapterVersion]:
+                    versions = []
+                    for _ in range(swaps + 1):
+                        trainer.train(kept)
+                        versions.append(store.write(trainer.save, {}))
+                    return versions
 
-            thread = threading.Thread(target=train_versions)
-            thread.start()
-            thread.join()
-            probe_text = formatter.text("hello")
-            rng = random.Random(0)
-            times: dict[str, list[tuple[float, float]]] = {case: [] for case in CASES}
-            engine.generate([probe_text], PROBE, versions[0])
-            batch_s = []  # the machine's speed now: one batch alone on the base model
-            for _ in range(3):
-                started = time.perf_counter()
-                engine.generate([p.text for p in prompts[:size]], params)
-                batch_s.append(time.perf_counter() - started)
-            for n, (old, new) in enumerate(itertools.pairwise(versions)):
-                case = CASES[n % 2]
-                training = Training(trainer, samples, split.training) if n % 2 else None
-                try:
-                    time.sleep(0.2)  # training under way
-                    in_flight = [
-                        engine.submit([p.text for p in prompts[:size]], params, old),
-                        engine.submit([p.text for p in prompts[size : 2 * size]], params, old),
-                    ]
-                    time.sleep(rng.uniform(0.0, 0.1))  # the version comes mid-batch
-                    came = time.time()
-                    engine.generate([probe_text], PROBE, new)  # the generator's load
-                    loaded = time.time() - came
-                    outputs = engine.generate([p.text for p in prompts[2 * size :]], params, new)
-                    first = min(c.generated_at or time.time() for row in outputs for c in row)
-                    for future in in_flight:
-                        future.result()
-                finally:
-                    if training is not None:
-                        training.stop()
-                times[case].append((loaded, first - came))
+                versions = on_cores(split.training, train_versions)
+                engine.generate([probe], PROBE, versions[0])
+                for n in range(swaps):
+                    old, new = versions[n], versions[n + 1]
+                    case = ABBA[n % 4]
+                    training = Training(trainer, kept, split.training) if case == BESIDE else None
+                    rounds = None
+                    try:
+                        if training is not None:
+                            training.started.wait()
+                        # The daemon's steady state: ``depth`` batches in the engine, the
+                        # next going in as the oldest finishes.
+                        in_flight = deque(engine.submit(b, params, old) for b in batches[:depth])
+                        deadline = time.monotonic() + feed_s[n // 2]
+                        while (left := deadline - time.monotonic()) > 0:
+                            futures.wait([in_flight[0]], timeout=left)
+                            if in_flight[0].done():
+                                in_flight.popleft().result()
+                                in_flight.append(engine.submit(batches[n % depth], params, old))
+                        came, came_wall = time.perf_counter(), time.time()
+                        engine.generate([probe], PROBE, new)  # the generator's load
+                        loaded = time.perf_counter() - came
+                        outputs = engine.generate(batches[depth], params, new)
+                        finished = [c.generated_at for row in outputs for c in row]
+                        assert all(at is not None for at in finished), "vLLM sets generated_at"
+                        first = min(at for at in finished if at is not None) - came_wall
+                        for future in in_flight:
+                            future.result()
+                    finally:
+                        if training is not None:
+                            rounds = training.stop()
+                    rows.append(
+                        {
+                            "pair": n // 2,
+                            "case": case,
+                            "loaded_s": round(loaded, 4),
+                            "first_sample_s": round(first, 4),
+                            "training_rounds": rounds,
+                        }
+                    )
     finally:
         engine.close()
 
+    by_case = {case: [r for r in rows if r["case"] == case] for case in (ALONE, BESIDE)}
+    pairs = {(r["pair"], r["case"]): r["first_sample_s"] for r in rows}
+    paired = statistics.median(pairs[p, BESIDE] / pairs[p, ALONE] for p in range(args.pairs))
     table = Table(
-        title=f"A version swap in vLLM with two batches in flight ({engine.adapter_serving}), "
-        f"{Path(model_path).name}, K={params.n}, {args.swaps} swaps per case (medians)"
+        title=f"A version swap in vLLM with {depth} batches of {size} prompts in flight "
+        f"({engine.adapter_serving}), {Path(model_path).name}, K={params.n}, "
+        f"{args.pairs} pairs (medians)"
     )
-    for column in ("case", "came -> loaded s", "came -> first sample s", "x alone"):
+    for column in ("case", "came -> loaded s", "came -> first sample s"):
         table.add_column(column, justify="right")
-    report: dict[str, object] = {
+    batch_median_s = statistics.median(batch_s)
+    report: dict[str, Any] = {
         "model": Path(model_path).name,
         "serving": engine.adapter_serving,
-        "swaps": args.swaps,
+        "batches_in_flight": depth,
+        "prompts_per_batch": size,
+        "k": params.n,
+        "pairs": args.pairs,
+        "feed_s": FEED_S,
         "cores": {"generation": split.generation, "training": split.training},
         "cpu": cpu_identity(),
-        "one_batch_alone_median_s": round(statistics.median(batch_s), 4),
+        "one_batch_alone_median_s": round(batch_median_s, 4),
+        "beside_over_alone_paired_median": round(paired, 3),
+        "swaps": rows,
     }
-    alone = statistics.median(t[1] for t in times[CASES[0]])
-    for case, rows in times.items():
-        loaded_s = statistics.median(t[0] for t in rows)
-        first_s = statistics.median(t[1] for t in rows)
-        table.add_row(case, f"{loaded_s:.3f}", f"{first_s:.3f}", f"{first_s / alone:.2f}")
+    for case, case_rows in by_case.items():
+        loaded_s = statistics.median(r["loaded_s"] for r in case_rows)
+        first_s = statistics.median(r["first_sample_s"] for r in case_rows)
+        table.add_row(case, f"{loaded_s:.3f}", f"{first_s:.3f}")
         report[case] = {
             "loaded_median_s": round(loaded_s, 4),
             "first_sample_median_s": round(first_s, 4),
         }
     console.print(table)
-    print(f"one batch of {size} prompts alone, base model: {statistics.median(batch_s):.3f} s")
+    per_swap = [r["training_rounds"] for r in by_case[BESIDE]]
+    print(
+        f"beside / alone, first sample, paired: {paired:.2f}x; training rounds finished per "
+        f"swap: {min(per_swap)}-{max(per_swap)}; one batch alone: {batch_median_s:.3f} s"
+    )
     out = args.out or Path(f"bench/results/swap_floor_{engine.adapter_serving}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -46,7 +46,7 @@ test: lint $(CHECKOV)
 bench: $(STAMP)
 	$(PY) bench/generation.py
 	$(PY) bench/daemon.py
-	$(PY) bench/swap_floor.py
+	$(PY) bench/swap_floor.py --serving merged
 	$(PY) bench/swap_floor.py --serving lora
 
 clean:

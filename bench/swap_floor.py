@@ -3,28 +3,30 @@
 bench/daemon.py measures the daemon's swap, stored -> the first sample on the new version.
 That is detection, the load (merged serving first lets the batches in flight finish),
 waiting for the pipeline, and the first prompt's own sampling. This script times the
-engine's part alone, driven as the generator drives it in its steady state:
+engine's part alone, driven as the generator drives it in its steady state (``swap``):
 - the engine holds the daemon's default depth on one version: two batches of
   ``kafka.poll_max_records`` prompts (``generation.max_prompts_in_flight`` over that), K=4,
-  a new batch going in as the oldest finishes;
-- a new version comes at a random moment (``FEED_S``);
-- it is loaded with the generator's one-token probe, and a batch is sampled on it (the
-  batches in flight are not refilled: the daemon would, so this is the lighter case); the
-  first of its prompts to finish ends the swap.
+  started half a batch apart, the next going in as the oldest finishes;
+- after 2-5 times one batch's time (``FEED_BATCHES``) a new version comes, is loaded with
+  the generator's one-token probe, and a batch is sampled on it once there is room;
+  the first of its prompts to finish ends the swap. Lighter than the daemon: it does not
+  wait for the oldest batch's delivery, nor refill the engine meanwhile.
 
-Swaps come in pairs with the same arrival moment: one with the engine alone, one beside
-LoRA training rounds on a thread pinned to the training core, as the all-in-one daemon
-runs them on a CPU. The order is ABBA, and versions are trained one after another, so
-neither case always gets the later version. "x alone" is the median of each pair's ratio.
-The versions are real: trained on the engine's own samples and stored, as the trainer does.
+Swaps come in pairs with the same arrival moment and the same batches: one with the
+engine alone, one beside LoRA training rounds on a thread pinned to the training core, as
+the all-in-one daemon runs them on a CPU. The order is ABBA (balanced over an even
+``--pairs``), and versions are trained one after another, so neither case always gets the
+later version. "beside / alone, paired" is the median of each pair's ratio. The versions
+are real: trained on the engine's own samples and stored, as the trainer does.
 
-    python bench/swap_floor.py                    # tiny model, 12 pairs
+    python bench/swap_floor.py --serving merged   # tiny model, 12 pairs
     python bench/swap_floor.py --serving lora     # through vLLM's LoRA path
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -46,6 +48,7 @@ from raft_stream.data.models import resolve_model
 from raft_stream.data.tiny_model import tiny_prompts
 from raft_stream.generation.base import SamplingParams
 from raft_stream.generation.engine_dtype import cpu_identity
+from raft_stream.generation.vllm_backend import VLLMGenerator
 from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
 from raft_stream.rewards.registry import build_safe_reward
@@ -58,9 +61,11 @@ PROBE = SamplingParams(n=1, max_new_tokens=1, temperature=0.0, seed=0)
 """The generator's load probe (roles/generator.py)."""
 ALONE, BESIDE = "engine alone", "beside training"
 ABBA = (ALONE, BESIDE, BESIDE, ALONE)
-FEED_S = (0.3, 0.9)
-"""How long the engine samples on the old version before the new one comes (uniform):
-at least a batch's time on this machine, so the batches in flight are staggered."""
+FEED_BATCHES = (2.0, 5.0)
+"""How long the engine samples on the old version before the new one comes: uniform, in
+times of one batch alone (measured first), so several have been refilled by then."""
+POOL = 7
+"""Distinct batches of prompts: six in turn on the old version, one on the new."""
 
 
 class Training:
@@ -107,7 +112,55 @@ def on_cores(cores: tuple[int, ...], work: Callable[[], Any]) -> Any:
         return pool.submit(pinned).result()
 
 
+def swap(
+    engine: VLLMGenerator,
+    old: AdapterVersion,
+    new: AdapterVersion,
+    pool: list[list[str]],
+    new_batch: list[str],
+    depth: int,
+    stagger_s: float,
+    feed_s: float,
+    params: SamplingParams,
+    probe: str,
+) -> dict[str, Any]:
+    """One swap from ``old`` to ``new`` in the daemon's steady state: ``depth`` batches
+    of ``pool`` (in turn, the same sequence every swap) on ``old``, the next going in as
+    the oldest finishes, started ``stagger_s`` apart; after ``feed_s`` the new version
+    is loaded with the generator's probe, and ``new_batch`` goes in once there is room
+    (merged: the batches in flight are already done; LoRA: the oldest finishes). The
+    batches in flight are not refilled meanwhile, as the daemon would refill them.
+    Returns loaded_s, first_sample_s (came -> the first of ``new_batch``'s prompts done)
+    and the refills."""
+    turn = itertools.cycle(pool)
+    in_flight = deque([engine.submit(next(turn), params, old)])
+    for _ in range(depth - 1):
+        time.sleep(stagger_s)
+        in_flight.append(engine.submit(next(turn), params, old))
+    refills = 0
+    deadline = time.monotonic() + feed_s
+    while (left := deadline - time.monotonic()) > 0:
+        futures.wait([in_flight[0]], timeout=left)
+        while in_flight and in_flight[0].done():
+            in_flight.popleft().result()
+            in_flight.append(engine.submit(next(turn), params, old))
+            refills += 1
+    came, came_wall = time.perf_counter(), time.time()
+    engine.generate([probe], PROBE, new)  # the generator's load
+    loaded = time.perf_counter() - came
+    in_flight.popleft().result()  # room for the new batch, as the daemon waits for it
+    outputs = engine.generate(new_batch, params, new)
+    finished = [c.generated_at for row in outputs for c in row]
+    if any(at is None for at in finished):
+        raise RuntimeError("vLLM did not say when a request finished (generated_at)")
+    first = min(at for at in finished if at is not None) - came_wall
+    for future in in_flight:
+        future.result()
+    return {"loaded_s": round(loaded, 4), "first_sample_s": round(first, 4), "refills": refills}
+
+
 def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
@@ -123,8 +176,6 @@ def main() -> None:
         "--out", type=Path, help="default: bench/results/swap_floor_<lora|merged>.json"
     )
     args = parser.parse_args()
-
-    from raft_stream.generation.vllm_backend import VLLMGenerator
 
     cfg = load_config(
         overrides={
@@ -146,13 +197,14 @@ def main() -> None:
     depth = max(1, cfg.generation.max_prompts_in_flight // size)
     model_path = str(resolve_model(args.model))
     formatter = PromptFormatter.from_model(model_path, cfg.model)
-    prompts = [p.text for p in map(formatter.format, tiny_prompts("train", (depth + 1) * size))]
-    batches = [prompts[i * size : (i + 1) * size] for i in range(depth + 1)]
+    prompts = [p.text for p in map(formatter.format, tiny_prompts("train", POOL * size))]
+    batches = [prompts[i * size : (i + 1) * size] for i in range(POOL)]
+    pool, new_batch = batches[:-1], batches[-1]
     params = SamplingParams.from_config(cfg.generation.sampling)
     probe = formatter.text("hello")
     swaps = 2 * args.pairs
     rng = random.Random(0)
-    feed_s = [rng.uniform(*FEED_S) for _ in range(args.pairs)]
+    feed = [rng.uniform(*FEED_BATCHES) for _ in range(args.pairs)]
     rows: list[dict[str, Any]] = []
     console = Console(width=140)
     engine = VLLMGenerator(model_path, cfg.model, cfg.generation)
@@ -160,9 +212,10 @@ def main() -> None:
         batch_s = []  # the machine's speed now: one batch alone on the base model
         for _ in range(4):
             started = time.perf_counter()
-            engine.generate(batches[0], params)
+            engine.generate(new_batch, params)
             batch_s.append(time.perf_counter() - started)
         batch_s = batch_s[1:]  # the first warms up
+        batch_median_s = statistics.median(batch_s)
         sampler = RaftSampler(engine, build_safe_reward(cfg.reward), cfg.ranking, params)
         samples = sampler.run([formatter.format(p) for p in tiny_prompts("train", size)], None)
         kept = samples.selection.kept
@@ -182,31 +235,24 @@ def main() -> None:
                 versions = on_cores(split.training, train_versions)
                 engine.generate([probe], PROBE, versions[0])
                 for n in range(swaps):
-                    old, new = versions[n], versions[n + 1]
                     case = ABBA[n % 4]
                     training = Training(trainer, kept, split.training) if case == BESIDE else None
                     rounds = None
                     try:
                         if training is not None:
                             training.started.wait()
-                        # The daemon's steady state: ``depth`` batches in the engine, the
-                        # next going in as the oldest finishes.
-                        in_flight = deque(engine.submit(b, params, old) for b in batches[:depth])
-                        deadline = time.monotonic() + feed_s[n // 2]
-                        while (left := deadline - time.monotonic()) > 0:
-                            futures.wait([in_flight[0]], timeout=left)
-                            if in_flight[0].done():
-                                in_flight.popleft().result()
-                                in_flight.append(engine.submit(batches[n % depth], params, old))
-                        came, came_wall = time.perf_counter(), time.time()
-                        engine.generate([probe], PROBE, new)  # the generator's load
-                        loaded = time.perf_counter() - came
-                        outputs = engine.generate(batches[depth], params, new)
-                        finished = [c.generated_at for row in outputs for c in row]
-                        assert all(at is not None for at in finished), "vLLM sets generated_at"
-                        first = min(at for at in finished if at is not None) - came_wall
-                        for future in in_flight:
-                            future.result()
+                        row = swap(
+                            engine,
+                            versions[n],
+                            versions[n + 1],
+                            pool,
+                            new_batch,
+                            depth,
+                            batch_median_s / depth,
+                            feed[n // 2] * batch_median_s,
+                            params,
+                            probe,
+                        )
                     finally:
                         if training is not None:
                             rounds = training.stop()
@@ -214,8 +260,8 @@ def main() -> None:
                         {
                             "pair": n // 2,
                             "case": case,
-                            "loaded_s": round(loaded, 4),
-                            "first_sample_s": round(first, 4),
+                            "feed_s": round(feed[n // 2] * batch_median_s, 3),
+                            **row,
                             "training_rounds": rounds,
                         }
                     )
@@ -232,7 +278,6 @@ def main() -> None:
     )
     for column in ("case", "came -> loaded s", "came -> first sample s"):
         table.add_column(column, justify="right")
-    batch_median_s = statistics.median(batch_s)
     report: dict[str, Any] = {
         "model": Path(model_path).name,
         "serving": engine.adapter_serving,
@@ -240,7 +285,7 @@ def main() -> None:
         "prompts_per_batch": size,
         "k": params.n,
         "pairs": args.pairs,
-        "feed_s": FEED_S,
+        "feed_batches": FEED_BATCHES,
         "cores": {"generation": split.generation, "training": split.training},
         "cpu": cpu_identity(),
         "one_batch_alone_median_s": round(batch_median_s, 4),
@@ -257,9 +302,11 @@ def main() -> None:
         }
     console.print(table)
     per_swap = [r["training_rounds"] for r in by_case[BESIDE]]
+    refills = [r["refills"] for r in rows]
     print(
         f"beside / alone, first sample, paired: {paired:.2f}x; training rounds finished per "
-        f"swap: {min(per_swap)}-{max(per_swap)}; one batch alone: {batch_median_s:.3f} s"
+        f"swap: {min(per_swap)}-{max(per_swap)}; batches refilled before the version came: "
+        f"{min(refills)}-{max(refills)}; one batch alone: {batch_median_s:.3f} s"
     )
     out = args.out or Path(f"bench/results/swap_floor_{engine.adapter_serving}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

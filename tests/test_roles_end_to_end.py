@@ -700,7 +700,16 @@ def test_a_corrupt_or_missing_adapter_is_refused_and_the_served_one_keeps_servin
     unloadable = stored(None)  # v3
     later = stored(tiny_lora_adapters[2])  # v4
     cfg = role_config(
-        kafka_config(), tmp_path / "state", tiny_model_dir, **{"store.root": str(store.root)}
+        kafka_config(),
+        tmp_path / "state",
+        tiny_model_dir,
+        **{
+            "store.root": str(store.root),
+            # Every prompt sampled shows on the topic, kept or not: the test counts prompts
+            # answered, and ranking may keep none of a prompt's samples (a lost prompt
+            # still never shows).
+            "kafka.publish_rejected": True,
+        },
     )
 
     def announce_all(*messages: dict[str, object]) -> None:

@@ -53,12 +53,11 @@ from raft_stream.prompting import PromptFormatter
 from raft_stream.raft import RaftSampler
 from raft_stream.rewards.registry import build_safe_reward
 from raft_stream.roles.cpu_split import BIND_ENV, bind_generation, pin_this_thread, split_cores
+from raft_stream.roles.generator import PROBE, PROBE_PROMPT
 from raft_stream.training.lora_trainer import LoRATrainer
 from raft_stream.training.store import AdapterStore
 from raft_stream.types import AdapterVersion, Sample
 
-PROBE = SamplingParams(n=1, max_new_tokens=1, temperature=0.0, seed=0)
-"""The generator's load probe (roles/generator.py)."""
 ALONE, BESIDE = "engine alone", "beside training"
 ABBA = (ALONE, BESIDE, BESIDE, ALONE)
 FEED_BATCHES = (2.0, 5.0)
@@ -201,7 +200,7 @@ def main() -> None:
     batches = [prompts[i * size : (i + 1) * size] for i in range(POOL)]
     pool, new_batch = batches[:-1], batches[-1]
     params = SamplingParams.from_config(cfg.generation.sampling)
-    probe = formatter.text("hello")
+    probe = formatter.text(PROBE_PROMPT)
     swaps = 2 * args.pairs
     rng = random.Random(0)
     feed = [rng.uniform(*FEED_BATCHES) for _ in range(args.pairs)]

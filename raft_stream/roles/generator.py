@@ -118,7 +118,8 @@ BUSY_POLL_S = 0.02
 
 # One token from a short prompt: loads an adapter into the engine (or proves the engine
 # answers) for a fraction of a batch's cost.
-_PROBE = SamplingParams(n=1, max_new_tokens=1, temperature=0.0, seed=0)
+PROBE = SamplingParams(n=1, max_new_tokens=1, temperature=0.0, seed=0)
+PROBE_PROMPT = "hello"
 
 
 class EngineFailure(RaftStreamError):
@@ -485,7 +486,7 @@ class GeneratorRole:
 
     def _engine_answers(self) -> bool:
         try:
-            self.generator.generate([self.formatter.text("hello")], _PROBE, None)
+            self.generator.generate([self.formatter.text(PROBE_PROMPT)], PROBE, None)
         except Exception:
             log.exception("the engine does not answer a probe")
             return False
@@ -636,7 +637,7 @@ class GeneratorRole:
             # Load it now, not in the next batch: a bad folder fails here, and a batch
             # never pays for the load.
             loading = time.perf_counter()
-            self.generator.generate([self.formatter.text("hello")], _PROBE, adapter)
+            self.generator.generate([self.formatter.text(PROBE_PROMPT)], PROBE, adapter)
             phases["load"] = time.perf_counter() - loading
             self._loaded_at = (adapter.version, time.time())
         except Exception as err:  # the engine raises assorted types for a bad adapter
